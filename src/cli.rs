@@ -1,0 +1,504 @@
+//! The command line: nbdcopy's options, parsed into [`CopyOptions`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::copy::progress::{FdProgress, ProgressBar, human_bytes};
+use crate::copy::{CancelToken, CopyOptions, Progress, ProgressFn};
+use crate::endpoint::EndpointSpec;
+use crate::error::{Error, ErrorKind};
+
+/// Exit status for a failed copy.
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit status for a command line that could not be understood.
+pub const EXIT_USAGE: i32 = 2;
+
+/// Stands for the N-th `[ CMD ... ]` group while clap parses the rest; a
+/// NUL byte cannot come from a real argument.
+const COMMAND_MARK: &str = "\0command:";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nbdcp",
+    version,
+    about = "Copy a disk image between NBD servers, files, block devices and pipes",
+    after_help = "SOURCE and DESTINATION are each one of: a file or block device; '-' (stdin/stdout);\n\
+                  an NBD URI (nbd://host[:port]/export, nbd+unix:///export?socket=PATH);\n\
+                  '[ CMD ARGS ... ]', an NBD server to run with socket activation; or\n\
+                  (destination only) 'null:'. Sizes take K, M, G, T suffixes."
+)]
+struct Args {
+    /// Leave the destination fully allocated (no holes).
+    #[arg(long)]
+    allocated: bool,
+
+    /// Connections to each NBD endpoint (workers for other kinds).
+    #[arg(short = 'C', long, value_name = "N", default_value = "4", value_parser = parse_positive)]
+    connections: usize,
+
+    /// The destination already reads as zeroes: skip zeroing it.
+    #[arg(long, visible_alias = "target-is-zero")]
+    destination_is_zero: bool,
+
+    /// Flush the destination at the end (the default).
+    #[arg(long, overrides_with = "no_flush")]
+    flush: bool,
+
+    /// Do not flush the destination at the end.
+    #[arg(long, overrides_with = "flush")]
+    no_flush: bool,
+
+    /// Do not ask the source which parts hold data; read everything.
+    #[arg(long)]
+    no_extents: bool,
+
+    /// Show a progress bar, or with =FD write "N/100" lines to FD.
+    #[arg(short = 'p', long, value_name = "FD", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    progress: Option<String>,
+
+    /// Bytes of data in flight per connection.
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size_arg)]
+    queue_size: u64,
+
+    /// Largest request, a power of two from 4K to 32M.
+    #[arg(long, value_name = "SIZE", default_value = "256K", value_parser = parse_size_arg)]
+    request_size: u64,
+
+    /// Requests in flight per connection.
+    #[arg(short = 'R', long, value_name = "N", default_value = "64", value_parser = parse_positive)]
+    requests: usize,
+
+    /// Detect runs of zero bytes of this size in data (0 turns it off).
+    #[arg(short = 'S', long, value_name = "SIZE", default_value = "4096", value_parser = parse_size_arg)]
+    sparse: u64,
+
+    /// One connection, one request at a time.
+    #[arg(long)]
+    synchronous: bool,
+
+    /// Most worker threads (0: the number of cores).
+    #[arg(short = 'T', long, value_name = "N", default_value = "0")]
+    threads: usize,
+
+    /// Fail an NBD request that takes longer than this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    timeout: Option<Duration>,
+
+    /// Say more (repeat for more detail).
+    #[arg(short = 'v', long, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// SOURCE and DESTINATION.
+    #[arg(value_names = ["SOURCE", "DESTINATION"], num_args = 2, required = true, allow_hyphen_values = true)]
+    endpoints: Vec<String>,
+}
+
+/// Parse a size such as `4096`, `256K`, `2M`, `1G` or `1GiB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits == 0 {
+        return Err(format!("'{text}' is not a size"));
+    }
+    let number: u64 = t[..digits]
+        .parse()
+        .map_err(|_| format!("'{text}' is too large"))?;
+    let suffix = &t[digits..];
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        "p" | "pb" | "pib" => 50,
+        "e" | "eb" | "eib" => 60,
+        _ => {
+            return Err(format!(
+                "'{text}' has an unknown size suffix '{suffix}' (use K, M, G, T, P or E)"
+            ));
+        }
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    parse_size(text)
+}
+
+fn parse_positive(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{text}' is not a whole number")),
+    }
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !(secs > 0.0 && secs.is_finite() && secs < 1e9) {
+        return Err(format!("'{text}' is not a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Take `[ CMD ARGS ... ]` groups out of the arguments, so that a server's
+/// own options (`-r`, `--shared=4`) are not read as nbdcp's. Each group is
+/// replaced by a marker that [`Invocation`] turns back into a command.
+fn extract_commands(args: Vec<String>) -> Result<(Vec<String>, Vec<Vec<String>>), Error> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut commands = Vec::new();
+    let mut iter = args.into_iter();
+    while let Some(arg) = iter.next() {
+        if arg != "[" {
+            out.push(arg);
+            continue;
+        }
+        let mut argv = Vec::new();
+        let mut closed = false;
+        for a in iter.by_ref() {
+            if a == "]" {
+                closed = true;
+                break;
+            }
+            argv.push(a);
+        }
+        if !closed {
+            return Err(Error::usage("'[' without a matching ']'"));
+        }
+        if argv.is_empty() {
+            return Err(Error::usage("'[ ]' needs a command between the brackets"));
+        }
+        out.push(format!("{COMMAND_MARK}{}", commands.len()));
+        commands.push(argv);
+    }
+    Ok((out, commands))
+}
+
+/// A parsed command line.
+#[derive(Debug)]
+pub struct Invocation {
+    /// Where to copy from.
+    pub source: EndpointSpec,
+    /// Where to copy to.
+    pub destination: EndpointSpec,
+    /// How to copy.
+    pub options: CopyOptions,
+    /// `-p` / `--progress[=FD]`: `Some(None)` for a bar, `Some(Some(fd))`.
+    pub progress: Option<Option<i32>>,
+    /// `-v` count.
+    pub verbose: u8,
+}
+
+/// Parse the command line (including the program name). `Err` carries
+/// clap's own message and exit code for help, version and usage errors.
+pub fn parse(args: Vec<String>) -> Result<Invocation, (String, i32)> {
+    let (args, commands) =
+        extract_commands(args).map_err(|e| (format!("nbdcp: {e}\n"), EXIT_USAGE))?;
+    let parsed = Args::try_parse_from(&args).map_err(|e| {
+        let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+        (e.render().to_string(), code)
+    })?;
+    let usage = |msg: String| (format!("nbdcp: {msg}\n"), EXIT_USAGE);
+    let spec = |s: &str| -> EndpointSpec {
+        match s
+            .strip_prefix(COMMAND_MARK)
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(i) if i < commands.len() => EndpointSpec::Command(commands[i].clone()),
+            _ => EndpointSpec::parse(s),
+        }
+    };
+    let progress = match parsed.progress.as_deref() {
+        None => None,
+        Some("") => Some(None),
+        Some(fd) => match fd.parse::<i32>() {
+            // SAFETY: F_GETFD only asks whether the descriptor is open.
+            Ok(n) if n >= 0 && unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 => Some(Some(n)),
+            _ => {
+                return Err(usage(format!(
+                    "--progress={fd}: not an open file descriptor"
+                )));
+            }
+        },
+    };
+    let to_usize =
+        |v: u64, what: &str| usize::try_from(v).map_err(|_| usage(format!("{what} is too large")));
+    let options = CopyOptions {
+        connections: parsed.connections,
+        threads: parsed.threads,
+        requests: parsed.requests,
+        request_size: to_usize(parsed.request_size, "--request-size")?,
+        queue_size: to_usize(parsed.queue_size, "--queue-size")?,
+        sparse_size: to_usize(parsed.sparse, "--sparse")?,
+        allocated: parsed.allocated,
+        destination_is_zero: parsed.destination_is_zero,
+        flush: !parsed.no_flush,
+        extents: !parsed.no_extents,
+        synchronous: parsed.synchronous,
+        timeout: parsed.timeout,
+        ..CopyOptions::default()
+    };
+    options.validate().map_err(|e| usage(e.to_string()))?;
+    let source = spec(&parsed.endpoints[0]);
+    let destination = spec(&parsed.endpoints[1]);
+    crate::endpoint::check_distinct(&source, &destination).map_err(|e| usage(e.to_string()))?;
+    Ok(Invocation {
+        source,
+        destination,
+        options,
+        progress,
+        verbose: parsed.verbose,
+    })
+}
+
+/// Run nbdcp with `args` (including the program name); returns the exit
+/// status.
+pub fn run(args: Vec<String>) -> i32 {
+    let mut inv = match parse(args) {
+        Ok(inv) => inv,
+        Err((text, code)) => {
+            if code == 0 {
+                print!("{text}");
+            } else {
+                eprint!("{text}");
+            }
+            return code;
+        }
+    };
+    let level = match inv.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_default_env()
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
+
+    let cancel = CancelToken::new();
+    if let Err(e) = crate::signals::install(cancel.flag()) {
+        eprintln!("nbdcp: {e}");
+        return EXIT_FAILURE;
+    }
+    inv.options.cancel = cancel;
+
+    let mut bar = None;
+    let mut fd_progress = None;
+    match inv.progress {
+        Some(None) => {
+            let b = Arc::new(ProgressBar::new());
+            let b2 = b.clone();
+            let f: ProgressFn = Arc::new(move |p: Progress| b2.update(p));
+            inv.options.progress = Some(f);
+            bar = Some(b);
+        }
+        Some(Some(fd)) => {
+            // SAFETY: parse() checked the descriptor is open; nbdcp owns it
+            // from here on, as nbdcopy does.
+            let p = Arc::new(unsafe { FdProgress::from_raw_fd(fd) });
+            let p2 = p.clone();
+            let f: ProgressFn = Arc::new(move |pr: Progress| p2.update(pr));
+            inv.options.progress = Some(f);
+            fd_progress = Some(p);
+        }
+        None => {}
+    }
+
+    let result = crate::copy(&inv.source, &inv.destination, &inv.options);
+    if let Some(sig) = crate::signals::received() {
+        if let Some(b) = &bar {
+            b.finish(Progress {
+                done: 0,
+                total: None,
+            });
+        }
+        eprintln!("nbdcp: interrupted by signal {sig}");
+        return 128 + sig;
+    }
+    match result {
+        Ok(stats) => {
+            if let Some(b) = &bar {
+                b.finish(Progress {
+                    done: stats.bytes,
+                    total: Some(stats.bytes),
+                });
+            }
+            if let Some(p) = &fd_progress {
+                p.finish();
+            }
+            let secs = stats.elapsed.as_secs_f64().max(1e-9);
+            log::info!(
+                "copied {} ({} written, {} zeroed) in {:.3} s, {}/s, {} worker(s)",
+                human_bytes(stats.bytes),
+                human_bytes(stats.written),
+                human_bytes(stats.zeroed),
+                secs,
+                human_bytes((stats.bytes as f64 / secs) as u64),
+                stats.workers
+            );
+            0
+        }
+        Err(e) => {
+            if bar.is_some() {
+                eprintln!();
+            }
+            eprintln!("nbdcp: {e}");
+            if e.kind() == ErrorKind::Usage {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<String> {
+        std::iter::once("nbdcp")
+            .chain(s.iter().copied())
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256K"), Ok(256 << 10));
+        assert_eq!(parse_size("2m"), Ok(2 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(
+            parse_size("3X")
+                .unwrap_err()
+                .contains("unknown size suffix")
+        );
+        assert!(parse_size("K").is_err());
+        assert!(parse_size("").is_err());
+        assert!(
+            parse_size("99999999999E")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
+
+    #[test]
+    fn defaults_match_nbdcopy() {
+        let inv = parse(args(&["a", "b"])).unwrap();
+        let o = &inv.options;
+        assert_eq!(
+            (
+                o.connections,
+                o.requests,
+                o.request_size,
+                o.queue_size,
+                o.sparse_size
+            ),
+            (4, 64, 256 << 10, 16 << 20, 4096)
+        );
+        assert!(o.flush && o.extents && !o.allocated && !o.synchronous);
+        assert_eq!(inv.source, EndpointSpec::Path("a".into()));
+    }
+
+    #[test]
+    fn options_are_read() {
+        let inv = parse(args(&[
+            "-C",
+            "2",
+            "-R",
+            "8",
+            "--request-size=1M",
+            "-S",
+            "0",
+            "--no-flush",
+            "--allocated",
+            "--target-is-zero",
+            "--no-extents",
+            "-T",
+            "3",
+            "src",
+            "null:",
+        ]))
+        .unwrap();
+        let o = &inv.options;
+        assert_eq!(
+            (
+                o.connections,
+                o.requests,
+                o.request_size,
+                o.sparse_size,
+                o.threads
+            ),
+            (2, 8, 1 << 20, 0, 3)
+        );
+        assert!(!o.flush && o.allocated && o.destination_is_zero && !o.extents);
+        assert_eq!(inv.destination, EndpointSpec::Null);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for bad in [
+            &["--request-size", "3", "a", "b"][..],
+            &["-C", "0", "a", "b"],
+            &["-R", "0", "a", "b"],
+            &["--request-size", "64M", "a", "b"],
+            &["--queue-size", "1X", "a", "b"],
+            &["-S", "1000", "a", "b"],
+            &["a"],
+            &["a", "b", "c"],
+            &["-", "-"],
+            &["null:", "b"],
+            &["--progress=99999", "a", "b"],
+        ] {
+            let err = parse(args(bad)).expect_err(&format!("{bad:?} must fail"));
+            assert_eq!(err.1, EXIT_USAGE, "{bad:?}: {}", err.0);
+        }
+    }
+
+    #[test]
+    fn bracket_commands_keep_their_own_options() {
+        let inv = parse(args(&[
+            "-p", "--", "[", "qemu-nbd", "-r", "-f", "qcow2", "x.qcow2", "]", "out.img",
+        ]))
+        .unwrap();
+        assert_eq!(
+            inv.source,
+            EndpointSpec::Command(vec![
+                "qemu-nbd".into(),
+                "-r".into(),
+                "-f".into(),
+                "qcow2".into(),
+                "x.qcow2".into()
+            ])
+        );
+        assert_eq!(inv.destination, EndpointSpec::Path("out.img".into()));
+        assert!(parse(args(&["[", "qemu-nbd", "a"])).is_err());
+        assert!(parse(args(&["[", "]", "a"])).is_err());
+    }
+
+    #[test]
+    fn progress_forms() {
+        assert_eq!(parse(args(&["-p", "a", "b"])).unwrap().progress, Some(None));
+        assert_eq!(
+            parse(args(&["--progress", "a", "b"])).unwrap().progress,
+            Some(None)
+        );
+        assert_eq!(
+            parse(args(&["--progress=2", "a", "b"])).unwrap().progress,
+            Some(Some(2))
+        );
+        assert_eq!(parse(args(&["a", "b"])).unwrap().progress, None);
+    }
+}

@@ -1,0 +1,417 @@
+//! Batches: the unit of work between a worker's reading and writing halves.
+//!
+//! A [`Cursor`] walks the extents of one segment and fills a [`Batch`] with
+//! up to `requests` source reads (and zero operations) whose data fits the
+//! batch buffer. Once the reads are done, [`Batch::plan_writes`] scans the
+//! data for zero runs and produces the destination operations, in offset
+//! order so that sequential destinations (stdout) receive bytes in order.
+
+use crate::endpoint::{Extent, ExtentKind, ReadOp, WriteOp};
+
+use super::zero;
+
+/// How batches are shaped; fixed for a copy.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest source read; reads are aligned to multiples of it.
+    pub chunk: usize,
+    /// Most requests (reads, zeroes) in one batch.
+    pub requests: usize,
+    /// Bytes of data one batch may hold.
+    pub batch_bytes: usize,
+    /// Zero-detection granularity in bytes, 0 for none.
+    pub sparse: usize,
+    /// The destination already reads as zeroes: zero runs need no request.
+    pub skip_zeroes: bool,
+    /// Zero requests must leave the blocks allocated.
+    pub allocate: bool,
+    /// Neighbouring writes are merged up to this many bytes.
+    pub merge_writes: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ReadSlot {
+    offset: u64,
+    start: usize,
+    len: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Item {
+    Data(usize),
+    Zero { offset: u64, len: u64 },
+}
+
+/// A planned destination operation; data lives in the batch buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Write {
+        offset: u64,
+        start: usize,
+        len: usize,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// Buffers and plans for one batch; reused from batch to batch.
+#[derive(Debug, Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+    reads: Vec<ReadSlot>,
+    items: Vec<Item>,
+    ops: Vec<Op>,
+    used: usize,
+    covered: u64,
+}
+
+impl Batch {
+    /// Source bytes this batch accounts for (read, zeroed or skipped).
+    pub fn covered(&self) -> u64 {
+        self.covered
+    }
+
+    /// Whether the batch holds nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.covered == 0
+    }
+
+    fn clear(&mut self) {
+        self.reads.clear();
+        self.items.clear();
+        self.ops.clear();
+        self.used = 0;
+        self.covered = 0;
+    }
+
+    /// The source reads of this batch, borrowing the buffer.
+    pub fn read_ops(&mut self) -> Vec<ReadOp<'_>> {
+        let mut out = Vec::with_capacity(self.reads.len());
+        let mut rest: &mut [u8] = &mut self.buf[..self.used];
+        for slot in &self.reads {
+            let (head, tail) = rest.split_at_mut(slot.len);
+            out.push(ReadOp {
+                offset: slot.offset,
+                buf: head,
+            });
+            rest = tail;
+        }
+        out
+    }
+
+    /// After the reads: find zero runs and plan the destination operations.
+    pub fn plan_writes(&mut self, limits: &Limits) {
+        self.ops.clear();
+        let mut ops = std::mem::take(&mut self.ops);
+        for item in &self.items {
+            match *item {
+                Item::Zero { offset, len } => push_zero(&mut ops, limits, offset, len),
+                Item::Data(i) => {
+                    let slot = self.reads[i];
+                    let data = &self.buf[slot.start..slot.start + slot.len];
+                    zero::scan(data, limits.sparse, |run| {
+                        let offset = slot.offset + run.start as u64;
+                        let len = run.end - run.start;
+                        if run.zero {
+                            push_zero(&mut ops, limits, offset, len as u64);
+                        } else {
+                            push_write(&mut ops, limits, offset, slot.start + run.start, len);
+                        }
+                    });
+                }
+            }
+        }
+        self.ops = ops;
+    }
+
+    /// Drop everything at or beyond source offset `end`: used when a pipe
+    /// ends inside a batch.
+    pub fn truncate(&mut self, end: u64) {
+        let mut keep_reads = 0;
+        let mut used = 0;
+        for slot in self.reads.iter_mut() {
+            if slot.offset >= end {
+                break;
+            }
+            slot.len = slot.len.min((end - slot.offset) as usize);
+            used = slot.start + slot.len;
+            keep_reads += 1;
+        }
+        self.reads.truncate(keep_reads);
+        self.items.retain(|item| match *item {
+            Item::Data(i) => i < keep_reads,
+            Item::Zero { offset, .. } => offset < end,
+        });
+        self.used = used;
+        let start = self.reads.first().map_or(end, |s| s.offset);
+        self.covered = end.saturating_sub(start);
+    }
+
+    /// The destination operations planned by [`Batch::plan_writes`].
+    pub fn write_ops(&self, allocate: bool) -> Vec<WriteOp<'_>> {
+        self.ops
+            .iter()
+            .map(|op| match *op {
+                Op::Write { offset, start, len } => WriteOp::Write {
+                    offset,
+                    data: &self.buf[start..start + len],
+                },
+                Op::Zero { offset, len } => WriteOp::Zero {
+                    offset,
+                    length: len,
+                    allocate,
+                },
+            })
+            .collect()
+    }
+}
+
+fn push_zero(ops: &mut Vec<Op>, limits: &Limits, offset: u64, len: u64) {
+    if limits.skip_zeroes || len == 0 {
+        return;
+    }
+    if let Some(Op::Zero { offset: o, len: l }) = ops.last_mut() {
+        if *o + *l == offset {
+            *l += len;
+            return;
+        }
+    }
+    ops.push(Op::Zero { offset, len });
+}
+
+fn push_write(ops: &mut Vec<Op>, limits: &Limits, offset: u64, start: usize, len: usize) {
+    if let Some(Op::Write {
+        offset: o,
+        start: s,
+        len: l,
+    }) = ops.last_mut()
+    {
+        if *o + *l as u64 == offset && *s + *l == start && *l + len <= limits.merge_writes {
+            *l += len;
+            return;
+        }
+    }
+    ops.push(Op::Write { offset, start, len });
+}
+
+/// Walks the extents of one segment, handing them out batch by batch.
+#[derive(Debug)]
+pub struct Cursor {
+    extents: Vec<Extent>,
+    index: usize,
+    pos: u64,
+}
+
+impl Cursor {
+    /// A cursor at the start of `extents` (sorted, gap-free).
+    pub fn new(extents: Vec<Extent>) -> Cursor {
+        let pos = extents.first().map_or(0, |e| e.offset);
+        Cursor {
+            extents,
+            index: 0,
+            pos,
+        }
+    }
+
+    /// Whether every extent has been handed out.
+    pub fn is_done(&self) -> bool {
+        self.index >= self.extents.len()
+    }
+
+    /// Clear `batch` and fill it with the next requests.
+    pub fn fill(&mut self, batch: &mut Batch, limits: &Limits) {
+        batch.clear();
+        if batch.buf.len() < limits.batch_bytes {
+            // Zero-filled allocation: pages are only backed when touched,
+            // so sparse images do not cost their buffer size in memory.
+            batch.buf = vec![0u8; limits.batch_bytes];
+        }
+        while let Some(e) = self.extents.get(self.index).copied() {
+            let remaining = e.end() - self.pos;
+            // Every item, data or zero, is one request on the wire.
+            let request_count = batch.items.len();
+            match e.kind {
+                ExtentKind::Zero => {
+                    if !limits.skip_zeroes {
+                        if request_count >= limits.requests {
+                            break;
+                        }
+                        batch.items.push(Item::Zero {
+                            offset: self.pos,
+                            len: remaining,
+                        });
+                    }
+                    batch.covered += remaining;
+                    self.advance_to(e.end());
+                }
+                ExtentKind::Data => {
+                    let chunk = limits.chunk as u64;
+                    let stop = e.end().min((self.pos / chunk + 1) * chunk);
+                    let len = (stop - self.pos) as usize;
+                    if request_count >= limits.requests || batch.used + len > batch.buf.len() {
+                        break;
+                    }
+                    batch.items.push(Item::Data(batch.reads.len()));
+                    batch.reads.push(ReadSlot {
+                        offset: self.pos,
+                        start: batch.used,
+                        len,
+                    });
+                    batch.used += len;
+                    batch.covered += len as u64;
+                    self.advance_to(stop);
+                }
+            }
+        }
+    }
+
+    fn advance_to(&mut self, pos: u64) {
+        self.pos = pos;
+        if let Some(e) = self.extents.get(self.index) {
+            if pos >= e.end() {
+                self.index += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            chunk: 8192,
+            requests: 4,
+            batch_bytes: 16384,
+            sparse: 4096,
+            skip_zeroes: false,
+            allocate: false,
+            merge_writes: 1 << 20,
+        }
+    }
+
+    fn ext(offset: u64, length: u64, zero: bool) -> Extent {
+        Extent {
+            offset,
+            length,
+            kind: if zero {
+                ExtentKind::Zero
+            } else {
+                ExtentKind::Data
+            },
+        }
+    }
+
+    /// Run a cursor to the end; return (read offsets+lens, ops) per batch.
+    fn drive(extents: Vec<Extent>, limits: &Limits, data: &dyn Fn(u64) -> u8) -> Vec<Vec<Op>> {
+        let total: u64 = extents.iter().map(|e| e.length).sum();
+        let mut cursor = Cursor::new(extents);
+        let mut batch = Batch::default();
+        let mut out = Vec::new();
+        let mut covered = 0;
+        while !cursor.is_done() {
+            cursor.fill(&mut batch, limits);
+            assert!(!batch.is_empty(), "a batch must make progress");
+            for op in batch.read_ops() {
+                for (i, b) in op.buf.iter_mut().enumerate() {
+                    *b = data(op.offset + i as u64);
+                }
+            }
+            batch.plan_writes(limits);
+            covered += batch.covered();
+            out.push(batch.ops.clone());
+        }
+        assert_eq!(covered, total);
+        out
+    }
+
+    #[test]
+    fn batches_respect_request_and_byte_limits() {
+        let l = limits();
+        let batches = drive(vec![ext(0, 40000, false)], &l, &|_| 1);
+        // 16 KiB per batch, chunks of 8 KiB merged into one write each.
+        assert_eq!(batches.len(), 3);
+        assert_eq!(
+            batches[0],
+            vec![Op::Write {
+                offset: 0,
+                start: 0,
+                len: 16384
+            }]
+        );
+        assert_eq!(
+            batches[2],
+            vec![Op::Write {
+                offset: 32768,
+                start: 0,
+                len: 40000 - 32768
+            }]
+        );
+    }
+
+    #[test]
+    fn zero_runs_in_data_and_holes_become_one_zero_op() {
+        let l = limits();
+        // Data 0..8192 where the second 4 KiB block is zero, then a hole.
+        let batches = drive(
+            vec![
+                ext(0, 8192, false),
+                ext(8192, 100_000, true),
+                ext(108_192, 4096, false),
+            ],
+            &l,
+            &|off| if (4096..108_192).contains(&off) { 0 } else { 9 },
+        );
+        let ops: Vec<Op> = batches.concat();
+        assert_eq!(
+            ops,
+            vec![
+                Op::Write {
+                    offset: 0,
+                    start: 0,
+                    len: 4096
+                },
+                Op::Zero {
+                    offset: 4096,
+                    len: 104_096
+                },
+                Op::Write {
+                    offset: 108_192,
+                    start: 8192,
+                    len: 4096
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn skipped_zeroes_produce_no_ops_but_count_as_covered() {
+        let l = Limits {
+            skip_zeroes: true,
+            ..limits()
+        };
+        let batches = drive(
+            vec![ext(0, 1 << 30, true), ext(1 << 30, 4096, false)],
+            &l,
+            &|_| 0,
+        );
+        assert!(batches.concat().is_empty());
+    }
+
+    #[test]
+    fn reads_are_chunk_aligned() {
+        let l = limits();
+        let mut cursor = Cursor::new(vec![ext(1000, 20000, false)]);
+        let mut batch = Batch::default();
+        cursor.fill(&mut batch, &l);
+        let reads: Vec<(u64, usize)> = batch
+            .read_ops()
+            .iter()
+            .map(|r| (r.offset, r.buf.len()))
+            .collect();
+        assert_eq!(reads, vec![(1000, 8192 - 1000), (8192, 8192)]);
+    }
+}

@@ -1,0 +1,429 @@
+//! The copy engine.
+//!
+//! The source is cut into disjoint segments ([`segments`]) handed out by a
+//! queue to workers ([`worker`]), one per connection. Each worker asks its
+//! source which parts of a segment hold data ([`extents`]), reads the data
+//! in batches ([`batch`]), finds zero runs in it ([`zero`]) and sends the
+//! destination writes and zero requests. Because segments never overlap,
+//! several connections are safe even to servers that do not promise
+//! consistency between connections, and the destination is never read.
+//! A source of unknown size (a pipe) is copied in order by [`stream`].
+//!
+//! The engine only sees [`Endpoint`]s; it does not know what kind of thing
+//! it copies from or to.
+
+pub mod batch;
+pub mod extents;
+pub mod progress;
+pub mod segments;
+pub(crate) mod stream;
+pub(crate) mod worker;
+pub mod zero;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::endpoint::{self, Endpoint, EndpointSpec, OpenOptions};
+use crate::error::{Error, ErrorKind, Result};
+
+use batch::Limits;
+use progress::Tracker;
+pub use progress::{Progress, ProgressFn};
+use segments::DEFAULT_SEGMENT_SIZE;
+
+/// The largest request nbdcp ever sends, as NBD servers commonly allow.
+pub const MAX_REQUEST_SIZE: usize = 32 * 1024 * 1024;
+/// The smallest `--request-size`.
+pub const MIN_REQUEST_SIZE: usize = 4096;
+
+/// Lets another thread stop a copy. Cloning shares the same flag.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> CancelToken {
+        CancelToken::default()
+    }
+
+    /// A token sharing an existing flag (e.g. one set by a signal handler).
+    pub fn from_flag(flag: Arc<AtomicBool>) -> CancelToken {
+        CancelToken(flag)
+    }
+
+    /// The flag behind the token.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+
+    /// Ask the copy to stop; it ends with an [`ErrorKind::Cancelled`] error
+    /// after the requests in flight complete.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// How to copy. `Default` gives nbdcopy's defaults (flushing at the end,
+/// unlike nbdcopy, so that a reported success is on stable storage).
+#[derive(Clone)]
+pub struct CopyOptions {
+    /// Connections to open to each NBD endpoint (`-C`); also the most
+    /// workers for other kinds.
+    pub connections: usize,
+    /// Most worker threads (`-T`); 0 means the number of cores.
+    pub threads: usize,
+    /// Most requests in flight per connection (`-R`).
+    pub requests: usize,
+    /// Largest single read (`--request-size`), a power of two.
+    pub request_size: usize,
+    /// Bytes of data in flight per worker (`--queue-size`).
+    pub queue_size: usize,
+    /// Zero-detection block size in data (`-S`), 0 for none.
+    pub sparse_size: usize,
+    /// Leave the destination fully allocated (`--allocated`).
+    pub allocated: bool,
+    /// The destination already reads as zeroes (`--destination-is-zero`).
+    pub destination_is_zero: bool,
+    /// Flush the destination at the end (default; `--no-flush` clears it).
+    pub flush: bool,
+    /// Ask the source which parts hold data (`--no-extents` clears it).
+    pub extents: bool,
+    /// One worker, one request at a time (`--synchronous`).
+    pub synchronous: bool,
+    /// Fail a request to an NBD server that takes longer than this.
+    pub timeout: Option<Duration>,
+    /// Size of the pieces the source is cut into for the workers.
+    pub segment_size: u64,
+    /// Told about progress from worker threads.
+    pub progress: Option<ProgressFn>,
+    /// Lets another thread stop the copy.
+    pub cancel: CancelToken,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            connections: 4,
+            threads: 0,
+            requests: 64,
+            request_size: 256 * 1024,
+            queue_size: 16 * 1024 * 1024,
+            sparse_size: 4096,
+            allocated: false,
+            destination_is_zero: false,
+            flush: true,
+            extents: true,
+            synchronous: false,
+            timeout: None,
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            progress: None,
+            cancel: CancelToken::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for CopyOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyOptions")
+            .field("connections", &self.connections)
+            .field("threads", &self.threads)
+            .field("requests", &self.requests)
+            .field("request_size", &self.request_size)
+            .field("queue_size", &self.queue_size)
+            .field("sparse_size", &self.sparse_size)
+            .field("allocated", &self.allocated)
+            .field("destination_is_zero", &self.destination_is_zero)
+            .field("flush", &self.flush)
+            .field("extents", &self.extents)
+            .field("synchronous", &self.synchronous)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CopyOptions {
+    /// Check the values make sense together.
+    pub fn validate(&self) -> Result<()> {
+        if self.connections == 0 {
+            return Err(Error::usage("--connections must be at least 1"));
+        }
+        if self.requests == 0 {
+            return Err(Error::usage("--requests must be at least 1"));
+        }
+        if !self.request_size.is_power_of_two()
+            || !(MIN_REQUEST_SIZE..=MAX_REQUEST_SIZE).contains(&self.request_size)
+        {
+            return Err(Error::usage(format!(
+                "--request-size must be a power of two from {MIN_REQUEST_SIZE} to {MAX_REQUEST_SIZE}, not {}",
+                self.request_size
+            )));
+        }
+        if self.queue_size < self.request_size {
+            return Err(Error::usage(format!(
+                "--queue-size ({}) must be at least --request-size ({})",
+                self.queue_size, self.request_size
+            )));
+        }
+        if self.sparse_size != 0
+            && (!self.sparse_size.is_power_of_two()
+                || self.sparse_size < 512
+                || self.sparse_size > self.request_size)
+        {
+            return Err(Error::usage(format!(
+                "--sparse must be 0 or a power of two from 512 to --request-size ({}), not {}",
+                self.request_size, self.sparse_size
+            )));
+        }
+        if self.segment_size == 0 || self.segment_size % self.request_size as u64 != 0 {
+            return Err(Error::usage(
+                "segment size must be a multiple of the request size",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Options for opening endpoints for this copy.
+    pub fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            requests: if self.synchronous { 1 } else { self.requests },
+            queue_size: self.queue_size,
+            timeout: self.timeout,
+        }
+    }
+
+    fn worker_limit(&self) -> usize {
+        if self.synchronous {
+            return 1;
+        }
+        let threads = if self.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.threads
+        };
+        self.connections.min(threads).max(1)
+    }
+}
+
+/// What a finished copy did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Bytes of the source copied (its size, for a complete copy).
+    pub bytes: u64,
+    /// Bytes sent to the destination as data.
+    pub written: u64,
+    /// Bytes zeroed on the destination by zero requests.
+    pub zeroed: u64,
+    /// Workers (connections per endpoint) used.
+    pub workers: usize,
+    /// Wall-clock time of the copy, including opening extra connections
+    /// and the final flush.
+    pub elapsed: Duration,
+}
+
+/// Open `source` and `destination` and copy the one to the other.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use nbdcp::{copy, CopyOptions, EndpointSpec};
+/// let dir = tempfile::tempdir()?;
+/// let src = dir.path().join("src.img");
+/// let dst = dir.path().join("dst.img");
+/// std::fs::write(&src, vec![7u8; 1 << 20])?;
+/// let stats = copy(
+///     &EndpointSpec::parse(src.to_str().unwrap()),
+///     &EndpointSpec::parse(dst.to_str().unwrap()),
+///     &CopyOptions::default(),
+/// )?;
+/// assert_eq!(stats.bytes, 1 << 20);
+/// assert_eq!(std::fs::read(&dst)?, vec![7u8; 1 << 20]);
+/// # Ok(()) }
+/// ```
+pub fn copy(
+    source: &EndpointSpec,
+    destination: &EndpointSpec,
+    options: &CopyOptions,
+) -> Result<CopyStats> {
+    options.validate()?;
+    endpoint::check_distinct(source, destination)?;
+    let open = options.open_options();
+    let src = endpoint::open_source(source, &open)?;
+    let dst = endpoint::open_destination(destination, src.size(), &open)?;
+    copy_endpoints(src, dst, options)
+}
+
+/// Copy between endpoints already open. The handles are closed at the end.
+pub fn copy_endpoints(
+    mut source: Box<dyn Endpoint>,
+    mut destination: Box<dyn Endpoint>,
+    options: &CopyOptions,
+) -> Result<CopyStats> {
+    options.validate()?;
+    let started = Instant::now();
+    let scaps = source.capabilities();
+    let dcaps = destination.capabilities();
+    if dcaps.read_only {
+        return Err(
+            Error::new(ErrorKind::Unsupported, "the destination is read-only")
+                .with_endpoint(destination.name()),
+        );
+    }
+    let (smin, dmin) = (
+        source.block_size().minimum as usize,
+        destination.block_size().minimum as usize,
+    );
+    let align = smin.max(dmin).max(1);
+    let chunk = options.request_size.next_multiple_of(align);
+    let overlap = !options.synchronous;
+    let batch_bytes = if overlap {
+        options.queue_size / 2
+    } else {
+        options.queue_size
+    };
+    let limits = Limits {
+        chunk,
+        requests: if options.synchronous {
+            1
+        } else {
+            options.requests
+        },
+        batch_bytes: batch_bytes.max(chunk),
+        sparse: if options.sparse_size == 0 {
+            0
+        } else {
+            options.sparse_size.next_multiple_of(dmin.max(1))
+        },
+        skip_zeroes: (dcaps.starts_zeroed || options.destination_is_zero) && !options.allocated,
+        allocate: options.allocated,
+        merge_writes: chunk.clamp(4 * 1024 * 1024, MAX_REQUEST_SIZE),
+    };
+
+    if scaps.sequential || source.size().is_none() {
+        let tracker = Tracker::new(None, options.progress.clone());
+        let shared =
+            worker::Shared::new(limits, false, align as u64, false, &options.cancel, tracker);
+        let bytes = stream::copy(&shared, source.as_mut(), destination.as_mut())?;
+        finish(options, &mut [(source, destination)], &dcaps)?;
+        return Ok(CopyStats {
+            bytes,
+            written: shared.written.into_inner(),
+            zeroed: shared.zeroed.into_inner(),
+            workers: 1,
+            elapsed: started.elapsed(),
+        });
+    }
+
+    let size = source.size().unwrap_or(0);
+    if let Some(dsize) = destination.size() {
+        if dsize < size {
+            return Err(Error::new(
+                ErrorKind::TooSmall,
+                format!("destination is too small: it has {dsize} bytes, the source has {size}"),
+            )
+            .with_endpoint(destination.name()));
+        }
+    }
+
+    let want = if dcaps.sequential {
+        1
+    } else {
+        options.worker_limit()
+    };
+    let mut handles = vec![(source, destination)];
+    while handles.len() < want {
+        let (s, d) = &handles[0];
+        let Some(s2) = s.connect_another()? else {
+            break;
+        };
+        let Some(d2) = d.connect_another()? else {
+            break;
+        };
+        handles.push((s2, d2));
+    }
+    if handles.len() < want {
+        log::info!("using {} connection(s) instead of {want}", handles.len());
+    }
+
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for segment in segments::plan(size, options.segment_size) {
+        // Cannot fail: the receiver is alive and the channel unbounded.
+        let _ = tx.send(segment);
+    }
+    drop(tx);
+
+    let tracker = Tracker::new(Some(size), options.progress.clone());
+    let shared = worker::Shared::new(
+        limits,
+        options.extents && scaps.extents,
+        align as u64,
+        overlap,
+        &options.cancel,
+        tracker,
+    );
+    let workers = handles.len();
+    std::thread::scope(|scope| {
+        let running: Vec<_> = handles
+            .iter_mut()
+            .map(|(s, d)| {
+                let shared = &shared;
+                let rx = &rx;
+                scope.spawn(move || worker::run(shared, s.as_mut(), d.as_mut(), rx))
+            })
+            .collect();
+        for r in running {
+            if r.join().is_err() {
+                shared.fail(Error::new(
+                    ErrorKind::Io,
+                    "internal error: a worker thread panicked",
+                ));
+            }
+        }
+    });
+    if let Some(err) = shared.take_error() {
+        return Err(err);
+    }
+    if shared.tracker.done() != size {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "internal error: copied {} of {size} bytes",
+                shared.tracker.done()
+            ),
+        ));
+    }
+    finish(options, &mut handles, &dcaps)?;
+    Ok(CopyStats {
+        bytes: size,
+        written: shared.written.into_inner(),
+        zeroed: shared.zeroed.into_inner(),
+        workers,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// One worker's source and destination handles.
+type HandlePair = (Box<dyn Endpoint>, Box<dyn Endpoint>);
+
+/// Flush every destination handle (each connection may hold its own
+/// unflushed writes), then close every handle.
+fn finish(
+    options: &CopyOptions,
+    handles: &mut [HandlePair],
+    dcaps: &endpoint::Capabilities,
+) -> Result<()> {
+    if options.flush && dcaps.flush {
+        for (_, d) in handles.iter_mut() {
+            d.flush()?;
+        }
+    }
+    for (s, d) in handles.iter_mut() {
+        d.close()?;
+        s.close()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! Copying from a sequential source (a pipe) whose size is unknown.
+//!
+//! Data is read in order, one batch at a time, zero runs are found as for
+//! any other source, and the batch is written before the next is read. A
+//! pipe gives nothing to run in parallel, so one thread does it all.
+
+use crate::endpoint::{Endpoint, Extent, ExtentKind};
+use crate::error::{Error, ErrorKind, Result};
+
+use super::batch::{Batch, Cursor};
+use super::worker::{Shared, write_batch};
+
+/// Copy `source` to `destination` until the source ends. Returns the number
+/// of bytes copied.
+pub(crate) fn copy(
+    shared: &Shared<'_>,
+    source: &mut dyn Endpoint,
+    destination: &mut dyn Endpoint,
+) -> Result<u64> {
+    let limits = shared.limits;
+    let mut batch = Batch::default();
+    let mut offset = 0u64;
+    loop {
+        if shared.cancel.is_cancelled() {
+            return Err(Error::new(ErrorKind::Cancelled, "copy cancelled"));
+        }
+        let mut cursor = Cursor::new(vec![Extent {
+            offset,
+            length: limits.batch_bytes as u64,
+            kind: ExtentKind::Data,
+        }]);
+        cursor.fill(&mut batch, &limits);
+        let mut got = 0u64;
+        let mut ended = false;
+        for op in batch.read_ops() {
+            let want = op.buf.len();
+            let n = source.read_stream(op.buf, op.offset)?;
+            got += n as u64;
+            if n < want {
+                ended = true;
+                break;
+            }
+        }
+        batch.truncate(offset + got);
+        if got > 0 {
+            if let Some(size) = destination.size() {
+                if offset + got > size {
+                    return Err(Error::new(
+                        ErrorKind::TooSmall,
+                        format!("destination is too small: {size} bytes, the source is longer"),
+                    )
+                    .with_endpoint(destination.name())
+                    .with_operation("write")
+                    .at(offset, got));
+                }
+            }
+            batch.plan_writes(&limits);
+            write_batch(shared, destination, &batch)?;
+            offset += got;
+        }
+        if ended || got == 0 {
+            break;
+        }
+    }
+    destination.resize_to(offset)?;
+    Ok(offset)
+}

@@ -1,0 +1,241 @@
+//! Endpoints: the things nbdcp copies from and to.
+//!
+//! Every kind (regular file, block device, pipe, `null:`, NBD server, NBD
+//! server subprocess) implements [`Endpoint`]. The copy engine in
+//! [`crate::copy`] only ever talks to this trait, in the manner of the
+//! operations tables of libnbd's `copy/`.
+//!
+//! An `Endpoint` value is one *handle* (one file descriptor or one NBD
+//! connection) and is driven by exactly one thread. Further handles for
+//! parallel workers come from [`Endpoint::connect_another`].
+
+use std::fmt;
+
+use crate::error::Result;
+
+pub mod file;
+pub mod nbd;
+pub mod null;
+pub mod spec;
+pub mod stream;
+pub mod subprocess;
+
+pub use spec::{EndpointSpec, OpenOptions, check_distinct, open_destination, open_source};
+
+/// What a region of an endpoint holds, as far as the endpoint can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// May contain non-zero bytes: must be read.
+    Data,
+    /// Known to read back as zeroes (a hole, or zero-allocated blocks).
+    Zero,
+}
+
+/// A run of bytes `[offset, offset + length)` of one [`ExtentKind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Start of the run, in bytes from the start of the endpoint.
+    pub offset: u64,
+    /// Length of the run in bytes; never zero in a list an endpoint returns.
+    pub length: u64,
+    /// What the run holds.
+    pub kind: ExtentKind,
+}
+
+impl Extent {
+    /// One past the last byte of the run.
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// Size constraints an endpoint places on requests, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSize {
+    /// Offsets and lengths must be multiples of this (1 = no constraint).
+    pub minimum: u32,
+    /// Requests of this size and alignment are handled best.
+    pub preferred: u32,
+    /// No single request may be larger than this.
+    pub maximum: u32,
+}
+
+impl Default for BlockSize {
+    fn default() -> Self {
+        BlockSize {
+            minimum: 1,
+            preferred: 4096,
+            maximum: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// What an endpoint can do, learnt when it is opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Writes are refused.
+    pub read_only: bool,
+    /// Data can only be read or written in order, once (a pipe).
+    pub sequential: bool,
+    /// [`Endpoint::zero`] is cheaper than writing zero bytes.
+    pub efficient_zero: bool,
+    /// [`Endpoint::trim`] is supported.
+    pub trim: bool,
+    /// [`Endpoint::flush`] does something (otherwise it is a no-op).
+    pub flush: bool,
+    /// [`Endpoint::extents`] returns real information.
+    pub extents: bool,
+    /// The endpoint reads back as all zeroes before the copy writes anything
+    /// (a freshly created or truncated file, `null:`).
+    pub starts_zeroed: bool,
+    /// The server says several connections see one another's writes.
+    pub multi_conn: bool,
+}
+
+/// One write-side operation, as the engine hands them to
+/// [`Endpoint::write_batch`].
+#[derive(Debug)]
+pub enum WriteOp<'a> {
+    /// Write `data` at `offset`.
+    Write {
+        /// Destination offset.
+        offset: u64,
+        /// Bytes to write.
+        data: &'a [u8],
+    },
+    /// Make `[offset, offset + length)` read back as zeroes.
+    Zero {
+        /// Destination offset.
+        offset: u64,
+        /// Length in bytes.
+        length: u64,
+        /// Blocks must stay allocated (`--allocated`).
+        allocate: bool,
+    },
+}
+
+/// One read request, as the engine hands them to [`Endpoint::read_batch`].
+#[derive(Debug)]
+pub struct ReadOp<'a> {
+    /// Source offset.
+    pub offset: u64,
+    /// Buffer to fill completely.
+    pub buf: &'a mut [u8],
+}
+
+/// One handle on a source or destination.
+///
+/// Methods take `&mut self` because a handle is owned by one thread. Errors
+/// carry the endpoint name, the operation, and the offset and length.
+pub trait Endpoint: Send {
+    /// The name the user gave (path, URI, `-`, `null:`), for messages.
+    fn name(&self) -> &str;
+
+    /// Size in bytes, or `None` where it is unknown (stdin) or unbounded
+    /// (`null:`, stdout).
+    fn size(&self) -> Option<u64>;
+
+    /// What this endpoint can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Request size constraints.
+    fn block_size(&self) -> BlockSize {
+        BlockSize::default()
+    }
+
+    /// Fill `buf` from `offset`. A short read (end of stream) is an error,
+    /// except for sequential sources, which use [`Endpoint::read_stream`].
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Read from a sequential source into `buf`; returns the number of bytes
+    /// read, 0 at end of stream, and fills `buf` completely otherwise unless
+    /// the stream ends. Random-access endpoints read at the running offset.
+    fn read_stream(&mut self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let len = match self.size() {
+            Some(size) => (size.saturating_sub(offset)).min(buf.len() as u64) as usize,
+            None => buf.len(),
+        };
+        self.read_at(&mut buf[..len], offset)?;
+        Ok(len)
+    }
+
+    /// Perform several reads. Network endpoints keep them in flight
+    /// together; the default does them one by one.
+    fn read_batch(&mut self, ops: &mut [ReadOp<'_>]) -> Result<()> {
+        for op in ops.iter_mut() {
+            self.read_at(op.buf, op.offset)?;
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `offset`.
+    fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()>;
+
+    /// Make `[offset, offset + length)` read back as zeroes, deallocating
+    /// it where possible unless `allocate` is set.
+    fn zero(&mut self, offset: u64, length: u64, allocate: bool) -> Result<()>;
+
+    /// Perform several writes and zeroes. Network endpoints keep them in
+    /// flight together; the default does them one by one, in order.
+    fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
+        for op in ops {
+            match *op {
+                WriteOp::Write { offset, data } => self.write_at(data, offset)?,
+                WriteOp::Zero {
+                    offset,
+                    length,
+                    allocate,
+                } => self.zero(offset, length, allocate)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Discard `[offset, offset + length)`; contents become unspecified.
+    fn trim(&mut self, _offset: u64, _length: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Make all completed writes durable.
+    fn flush(&mut self) -> Result<()>;
+
+    /// Describe `[offset, offset + length)` as a sorted, gap-free list of
+    /// extents starting at `offset`. It may end early (the caller asks
+    /// again from where it ends) but never returns an empty list for a
+    /// non-empty range. Endpoints without the information return one
+    /// `Data` extent.
+    fn extents(&mut self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            offset,
+            length,
+            kind: ExtentKind::Data,
+        }])
+    }
+
+    /// Open another independent handle on the same endpoint for another
+    /// worker, or `None` if the endpoint cannot have more than one (a pipe,
+    /// a server refusing further connections).
+    fn connect_another(&self) -> Result<Option<Box<dyn Endpoint>>>;
+
+    /// Tell the destination the final size once a source of unknown size
+    /// (a pipe) has ended. A file nbdcp created takes that size; endpoints
+    /// of fixed size do nothing.
+    fn resize_to(&mut self, _size: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Finish cleanly (NBD: send `NBD_CMD_DISC`). Called once, after the
+    /// last operation on a handle that succeeded.
+    fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl fmt::Debug for dyn Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("name", &self.name())
+            .field("size", &self.size())
+            .finish()
+    }
+}
