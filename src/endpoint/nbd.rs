@@ -1,0 +1,467 @@
+//! NBD servers as endpoints: one [`NbdEndpoint`] is one connection.
+//!
+//! Batches from the engine are pipelined on the connection; further
+//! workers get their own connections through
+//! [`Endpoint::connect_another`].
+
+use std::time::Duration;
+
+use super::{BlockSize, Capabilities, Endpoint, Extent, ExtentKind, ReadOp, WriteOp};
+use crate::error::{Error, ErrorKind, Result};
+use crate::nbd::client::{Client, ClientOptions, WriteCmd};
+use crate::nbd::uri::NbdUri;
+use crate::nbd::wire::NBD_STATE_ZERO;
+
+/// How long an extra connection may take to be greeted before nbdcp
+/// carries on with the connections it has.
+const EXTRA_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How to use an NBD server.
+#[derive(Clone, Debug)]
+pub struct NbdOptions {
+    /// Most requests in flight on one connection (`-R`).
+    pub requests: usize,
+    /// Most payload bytes in flight on one connection.
+    pub queue_size: usize,
+    /// Bound on connecting and on each socket read or write.
+    pub timeout: Option<Duration>,
+    /// Opening as a destination: a read-only export is refused up front.
+    pub writable: bool,
+}
+
+impl Default for NbdOptions {
+    fn default() -> Self {
+        NbdOptions {
+            requests: 64,
+            queue_size: 16 * 1024 * 1024,
+            timeout: None,
+            writable: false,
+        }
+    }
+}
+
+/// One connection to an NBD server, as an [`Endpoint`].
+#[derive(Debug)]
+pub struct NbdEndpoint {
+    name: String,
+    uri: NbdUri,
+    opts: NbdOptions,
+    client: Client,
+    /// Block status failures are reported once per connection.
+    warned_extents: bool,
+}
+
+impl NbdEndpoint {
+    /// Connect to `uri` and negotiate; `name` is what the user typed, for
+    /// messages.
+    pub fn connect(name: &str, uri: &NbdUri, opts: &NbdOptions) -> Result<NbdEndpoint> {
+        let copts = ClientOptions {
+            name: name.to_string(),
+            timeout: opts.timeout,
+        };
+        let mut client = Client::connect(uri, &copts)
+            .map_err(|e| e.with_endpoint(name).with_operation("connect"))?;
+        if opts.writable && client.read_only() {
+            let _ = client.disconnect();
+            return Err(
+                Error::new(ErrorKind::Unsupported, "the export is read-only")
+                    .with_endpoint(name)
+                    .with_operation("connect"),
+            );
+        }
+        Ok(NbdEndpoint {
+            name: name.to_string(),
+            uri: uri.clone(),
+            opts: opts.clone(),
+            client,
+            warned_extents: false,
+        })
+    }
+
+    /// The URI this endpoint connects to.
+    pub fn uri(&self) -> &NbdUri {
+        &self.uri
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &NbdOptions {
+        &self.opts
+    }
+
+    /// The underlying connection.
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    fn ctx(&self, e: Error, op: &'static str) -> Error {
+        e.with_endpoint(&self.name).with_operation(op)
+    }
+
+    fn write_cmd<'a>(op: &WriteOp<'a>) -> WriteCmd<'a> {
+        match *op {
+            WriteOp::Write { offset, data } => WriteCmd::Write { offset, data },
+            WriteOp::Zero {
+                offset,
+                length,
+                allocate,
+            } => WriteCmd::WriteZeroes {
+                offset,
+                length,
+                no_hole: allocate,
+                fast_zero: false,
+            },
+        }
+    }
+}
+
+impl Endpoint for NbdEndpoint {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> Option<u64> {
+        Some(self.client.size())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            read_only: self.client.read_only(),
+            sequential: false,
+            efficient_zero: self.client.can_zero(),
+            trim: self.client.can_trim(),
+            flush: self.client.can_flush(),
+            extents: self.client.has_base_allocation(),
+            starts_zeroed: false,
+            multi_conn: self.client.multi_conn(),
+        }
+    }
+
+    fn block_size(&self) -> BlockSize {
+        self.client.block_size()
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut one = [(offset, buf)];
+        let (r, q) = (self.opts.requests, self.opts.queue_size);
+        self.client
+            .read_many(&mut one, r, q)
+            .map_err(|e| self.ctx(e, "read"))
+    }
+
+    fn read_batch(&mut self, ops: &mut [ReadOp<'_>]) -> Result<()> {
+        let (r, q) = (self.opts.requests, self.opts.queue_size);
+        self.client
+            .read_many(ops, r, q)
+            .map_err(|e| self.ctx(e, "read"))
+    }
+
+    fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        let (r, q) = (self.opts.requests, self.opts.queue_size);
+        self.client
+            .write_many(std::iter::once(WriteCmd::Write { offset, data }), r, q)
+            .map_err(|e| self.ctx(e, "write"))
+    }
+
+    fn zero(&mut self, offset: u64, length: u64, allocate: bool) -> Result<()> {
+        let (r, q) = (self.opts.requests, self.opts.queue_size);
+        let cmd = WriteCmd::WriteZeroes {
+            offset,
+            length,
+            no_hole: allocate,
+            fast_zero: false,
+        };
+        self.client
+            .write_many(std::iter::once(cmd), r, q)
+            .map_err(|e| self.ctx(e, "zero"))
+    }
+
+    fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
+        let (r, q) = (self.opts.requests, self.opts.queue_size);
+        self.client
+            .write_many(ops.iter().map(Self::write_cmd), r, q)
+            .map_err(|e| self.ctx(e, "write"))
+    }
+
+    fn trim(&mut self, offset: u64, length: u64) -> Result<()> {
+        if !self.client.can_trim() {
+            return Ok(());
+        }
+        let (r, q) = (self.opts.requests, self.opts.queue_size);
+        self.client
+            .write_many(std::iter::once(WriteCmd::Trim { offset, length }), r, q)
+            .map_err(|e| self.ctx(e, "trim"))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.client.can_flush() {
+            return Ok(());
+        }
+        self.client.flush().map_err(|e| self.ctx(e, "flush"))
+    }
+
+    fn extents(&mut self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        let all_data = || {
+            vec![Extent {
+                offset,
+                length,
+                kind: ExtentKind::Data,
+            }]
+        };
+        let size = self.client.size();
+        if length == 0 || !self.client.has_base_allocation() || offset >= size {
+            return Ok(all_data());
+        }
+        let len = length.min(size - offset);
+        match self.client.block_status(offset, len) {
+            Ok(list) => {
+                let mut out: Vec<Extent> = Vec::with_capacity(list.len());
+                let mut at = offset;
+                for (l, flags) in list {
+                    let kind = if flags & NBD_STATE_ZERO != 0 {
+                        ExtentKind::Zero
+                    } else {
+                        ExtentKind::Data
+                    };
+                    match out.last_mut() {
+                        Some(last) if last.kind == kind => last.length += l,
+                        _ => out.push(Extent {
+                            offset: at,
+                            length: l,
+                            kind,
+                        }),
+                    }
+                    at += l;
+                }
+                if out.is_empty() {
+                    return Ok(all_data());
+                }
+                Ok(out)
+            }
+            // The server could not tell: copying everything is slower but
+            // still right, so this is not worth failing the copy over.
+            Err(e) if e.kind() == ErrorKind::Server => {
+                if !self.warned_extents {
+                    self.warned_extents = true;
+                    log::warn!("{e}; copying without extent information");
+                }
+                Ok(all_data())
+            }
+            Err(e) => Err(self.ctx(e, "block status").at(offset, len)),
+        }
+    }
+
+    fn connect_another(&self) -> Result<Option<Box<dyn Endpoint>>> {
+        // A server that serves one client at a time (qemu-nbd without
+        // --shared) accepts the socket but never greets a second client:
+        // give up on extra connections after a short wait instead of
+        // hanging, then restore the configured timeout.
+        let opts = NbdOptions {
+            timeout: Some(self.opts.timeout.map_or(EXTRA_CONNECTION_TIMEOUT, |t| {
+                t.min(EXTRA_CONNECTION_TIMEOUT)
+            })),
+            ..self.opts.clone()
+        };
+        let attempt = NbdEndpoint::connect(&self.name, &self.uri, &opts).and_then(|mut ep| {
+            ep.client.set_timeout(self.opts.timeout)?;
+            ep.opts = self.opts.clone();
+            Ok(ep)
+        });
+        match attempt {
+            Ok(ep) => Ok(Some(Box::new(ep))),
+            Err(e) => {
+                log::info!("{}: cannot open another connection: {e}", self.name);
+                Ok(None)
+            }
+        }
+    }
+
+    fn close(&mut self) -> Result<()> {
+        self.client
+            .disconnect()
+            .map_err(|e| self.ctx(e, "disconnect"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::client::tests_support::FakeServer;
+
+    fn endpoint(server: &FakeServer, writable: bool) -> Result<NbdEndpoint> {
+        let opts = NbdOptions {
+            writable,
+            timeout: Some(Duration::from_secs(10)),
+            ..NbdOptions::default()
+        };
+        NbdEndpoint::connect("fake", &server.uri(), &opts)
+    }
+
+    #[test]
+    fn read_write_zero_flush_extents() {
+        let server = FakeServer::start(1 << 20, |_| {});
+        let mut ep = endpoint(&server, true).unwrap();
+        assert_eq!(ep.size(), Some(1 << 20));
+        let caps = ep.capabilities();
+        assert!(caps.efficient_zero && caps.trim && caps.flush && caps.extents);
+        assert!(!caps.read_only && !caps.starts_zeroed && !caps.sequential);
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        ep.write_at(&data, 4096).unwrap();
+        ep.flush().unwrap();
+        let mut back = vec![0u8; 65536];
+        ep.read_at(&mut back, 4096).unwrap();
+        assert_eq!(back, data);
+        ep.zero(8192, 4096, false).unwrap();
+        ep.read_at(&mut back[..4096], 8192).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        let ext = ep.extents(0, 1 << 20).unwrap();
+        assert_eq!(ext[0].offset, 0);
+        assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
+        assert!(ext.iter().any(|e| e.kind == ExtentKind::Data));
+        assert!(ext.iter().any(|e| e.kind == ExtentKind::Zero));
+        ep.trim(0, 4096).unwrap();
+        let another = ep.connect_another().unwrap();
+        assert!(another.is_some());
+        ep.close().unwrap();
+    }
+
+    #[test]
+    fn batches() {
+        let server = FakeServer::start(1 << 20, |_| {});
+        let mut ep = endpoint(&server, true).unwrap();
+        let a = vec![1u8; 4096];
+        let b = vec![2u8; 8192];
+        ep.write_batch(&[
+            WriteOp::Write {
+                offset: 0,
+                data: &a,
+            },
+            WriteOp::Zero {
+                offset: 4096,
+                length: 4096,
+                allocate: true,
+            },
+            WriteOp::Write {
+                offset: 8192,
+                data: &b,
+            },
+        ])
+        .unwrap();
+        let mut x = vec![9u8; 4096];
+        let mut y = vec![9u8; 12288];
+        ep.read_batch(&mut [
+            ReadOp {
+                offset: 0,
+                buf: &mut x,
+            },
+            ReadOp {
+                offset: 4096,
+                buf: &mut y,
+            },
+        ])
+        .unwrap();
+        assert_eq!(x, a);
+        assert!(y[..4096].iter().all(|&v| v == 0));
+        assert_eq!(&y[4096..], &b[..]);
+    }
+
+    #[test]
+    fn read_only_destination_is_refused() {
+        let server = FakeServer::start(4096, |c| c.read_only = true);
+        let e = endpoint(&server, true).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(e.to_string().contains("read-only"), "{e}");
+        assert!(e.to_string().starts_with("fake: connect: "), "{e}");
+        let mut ep = endpoint(&server, false).unwrap();
+        assert!(ep.capabilities().read_only);
+        let e = ep.write_at(&[0; 512], 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+    }
+
+    #[test]
+    fn zero_without_write_zeroes_writes_zero_buffers() {
+        let server = FakeServer::start(16 << 20, |c| c.write_zeroes = false);
+        let mut ep = endpoint(&server, true).unwrap();
+        assert!(!ep.capabilities().efficient_zero);
+        ep.write_at(&vec![7u8; 1 << 20], 0).unwrap();
+        ep.zero(0, 10 << 20, false).unwrap();
+        let mut back = vec![1u8; 1 << 20];
+        ep.read_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+        assert!(server.max_write_seen() <= 4 << 20);
+    }
+
+    #[test]
+    fn no_block_status_means_one_data_extent() {
+        let server = FakeServer::start(8192, |c| c.structured = false);
+        let mut ep = endpoint(&server, false).unwrap();
+        assert!(!ep.capabilities().extents);
+        let ext = ep.extents(0, 8192).unwrap();
+        assert_eq!(
+            ext,
+            vec![Extent {
+                offset: 0,
+                length: 8192,
+                kind: ExtentKind::Data
+            }]
+        );
+    }
+
+    #[test]
+    fn block_status_failure_is_not_fatal() {
+        let server = FakeServer::start(8192, |c| c.fail_block_status = true);
+        let mut ep = endpoint(&server, false).unwrap();
+        assert!(ep.capabilities().extents);
+        for _ in 0..2 {
+            let ext = ep.extents(0, 8192).unwrap();
+            assert_eq!(ext.len(), 1);
+            assert_eq!(ext[0].kind, ExtentKind::Data);
+        }
+        // The connection still works.
+        let mut b = [1u8; 512];
+        ep.read_at(&mut b, 0).unwrap();
+    }
+
+    #[test]
+    fn server_errors_name_endpoint_operation_and_place() {
+        let server = FakeServer::start(1 << 20, |c| c.fail_at = Some(65536));
+        let mut ep = endpoint(&server, true).unwrap();
+        let mut b = vec![0u8; 4096];
+        let e = ep.read_at(&mut b, 65536).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Server);
+        assert_eq!(
+            e.to_string(),
+            "fake: read at offset 65536 length 4096: Input/output error at offset 65536 (server said: injected failure)"
+        );
+        let e = ep.write_at(&b, 65536).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("fake: write at offset 65536 length 4096: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn connect_another_refused_is_none() {
+        let server = FakeServer::start(4096, |c| c.max_connections = 1);
+        let ep = endpoint(&server, false).unwrap();
+        assert!(ep.connect_another().unwrap().is_none());
+    }
+
+    #[test]
+    fn connect_failure_names_the_endpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = NbdUri::unix(dir.path().join("none.sock"), "");
+        let e = NbdEndpoint::connect(
+            "nbd+unix:///?socket=none.sock",
+            &uri,
+            &NbdOptions::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert!(
+            e.to_string()
+                .starts_with("nbd+unix:///?socket=none.sock: connect: "),
+            "{e}"
+        );
+    }
+}

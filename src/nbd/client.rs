@@ -1,0 +1,1110 @@
+//! A blocking NBD client for one connection, with pipelining.
+//!
+//! A [`Client`] is driven by one thread. The batch calls
+//! ([`Client::read_many`], [`Client::write_many`]) keep several requests in
+//! flight: they send until a limit is reached, then read one reply, match it
+//! to its request by cookie, and send more. Read data goes from the socket
+//! straight into the caller's buffers; write payloads go from the caller's
+//! buffers straight to the socket with vectored writes.
+//!
+//! Replies to reads are validated: every chunk must lie inside its request
+//! and not overlap another, and a successful reply must cover the request
+//! exactly. Anything else the server gets wrong (bad magic, unknown cookie,
+//! malformed chunk) is a protocol error, and the connection is unusable
+//! afterwards: later calls fail at once. Errors the server reports for a
+//! request (an errno) leave the connection usable; the batch stops
+//! sending, collects the replies still due and returns the first error.
+
+use std::io::{self, BufRead, BufReader, IoSlice, Read};
+use std::net::Shutdown;
+use std::time::Duration;
+
+use super::handshake::{Negotiated, negotiate};
+use super::transport::{Transport, write_all_vectored};
+use super::uri::NbdUri;
+use super::wire::*;
+use crate::endpoint::{BlockSize, ReadOp};
+use crate::error::{Error, ErrorKind, Result};
+
+/// How to connect.
+#[derive(Clone, Debug, Default)]
+pub struct ClientOptions {
+    /// Name used in error messages (the URI as the user typed it); the
+    /// canonical URI if empty.
+    pub name: String,
+    /// Bound on connecting and on every socket read or write.
+    pub timeout: Option<Duration>,
+}
+
+/// A read request the client can fill: an offset and a buffer. Implemented
+/// for `(u64, &mut [u8])` and for the engine's [`ReadOp`], so neither needs
+/// converting (and allocating) per batch.
+pub trait ReadRequest {
+    /// Offset in the export.
+    fn offset(&self) -> u64;
+    /// Buffer to fill completely.
+    fn buffer(&mut self) -> &mut [u8];
+}
+
+impl ReadRequest for (u64, &mut [u8]) {
+    fn offset(&self) -> u64 {
+        self.0
+    }
+
+    fn buffer(&mut self) -> &mut [u8] {
+        self.1
+    }
+}
+
+impl ReadRequest for ReadOp<'_> {
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    fn buffer(&mut self) -> &mut [u8] {
+        self.buf
+    }
+}
+
+/// One write-side command for [`Client::write_many`]. Lengths may exceed
+/// what one NBD request can carry: the client splits them.
+#[derive(Clone, Copy, Debug)]
+pub enum WriteCmd<'a> {
+    /// `NBD_CMD_WRITE`.
+    Write {
+        /// Offset in the export.
+        offset: u64,
+        /// Bytes to write.
+        data: &'a [u8],
+    },
+    /// `NBD_CMD_WRITE_ZEROES`; on servers without it, zero bytes are
+    /// written from a static buffer instead.
+    WriteZeroes {
+        /// Offset in the export.
+        offset: u64,
+        /// Length in bytes.
+        length: u64,
+        /// Keep the blocks allocated (`NBD_CMD_FLAG_NO_HOLE`).
+        no_hole: bool,
+        /// Fail with `ENOTSUP` unless faster than writing
+        /// (`NBD_CMD_FLAG_FAST_ZERO`); an `Unsupported` error at once if
+        /// the server cannot do this.
+        fast_zero: bool,
+    },
+    /// `NBD_CMD_TRIM`.
+    Trim {
+        /// Offset in the export.
+        offset: u64,
+        /// Length in bytes.
+        length: u64,
+    },
+}
+
+/// Buffer size for reply headers and small payloads; data beyond what one
+/// fill happened to fetch is read straight into the caller's buffer.
+const READ_BUFFER_SIZE: usize = 16 * 1024;
+
+/// Zeroes written for servers without `NBD_CMD_WRITE_ZEROES`. A zeroed
+/// static lives in .bss: it costs nothing until read, and reading it maps
+/// the kernel's shared zero page, so no allocation of the zeroed length.
+const ZERO_BUF_LEN: usize = 4 * 1024 * 1024;
+static ZERO_BUF: [u8; ZERO_BUF_LEN] = [0; ZERO_BUF_LEN];
+
+/// State of one request in flight. Slots are reused, so their coverage
+/// vectors keep their capacity and the hot path does not allocate.
+#[derive(Debug, Default)]
+struct Slot {
+    busy: bool,
+    cookie: u64,
+    command: u16,
+    op: &'static str,
+    offset: u64,
+    length: u32,
+    /// Index of the caller's read request this fills.
+    target: usize,
+    /// Where this (possibly split) request starts in that buffer.
+    buf_start: usize,
+    /// Parts of a read covered so far, relative to `offset`, sorted and
+    /// merged.
+    covered: Vec<(u32, u32)>,
+    /// A block status chunk for our context arrived.
+    got_status: bool,
+    error: Option<Error>,
+}
+
+/// One NBD request carved out of a [`WriteCmd`].
+struct SubRequest {
+    op: &'static str,
+    command: u16,
+    flags: u16,
+    offset: u64,
+    length: u32,
+    /// Where the payload starts in the command's data.
+    data_at: usize,
+}
+
+impl SubRequest {
+    fn new(
+        op: &'static str,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        data_at: usize,
+    ) -> Self {
+        SubRequest {
+            op,
+            command,
+            flags,
+            offset,
+            length,
+            data_at,
+        }
+    }
+}
+
+/// A request that got its final reply.
+struct Completed {
+    command: u16,
+    length: u32,
+    error: Option<Error>,
+}
+
+/// Record `[start, end)` as covered; false if it overlaps something
+/// already covered.
+fn cover(ranges: &mut Vec<(u32, u32)>, start: u32, end: u32) -> bool {
+    let i = ranges.partition_point(|r| r.0 < start);
+    if i > 0 && ranges[i - 1].1 > start {
+        return false;
+    }
+    if i < ranges.len() && ranges[i].0 < end {
+        return false;
+    }
+    let joins_prev = i > 0 && ranges[i - 1].1 == start;
+    let joins_next = i < ranges.len() && ranges[i].0 == end;
+    match (joins_prev, joins_next) {
+        (true, true) => {
+            ranges[i - 1].1 = ranges[i].1;
+            ranges.remove(i);
+        }
+        (true, false) => ranges[i - 1].1 = end,
+        (false, true) => ranges[i].0 = start,
+        (false, false) => ranges.insert(i, (start, end)),
+    }
+    true
+}
+
+/// One NBD connection.
+#[derive(Debug)]
+pub struct Client {
+    /// All reads go through this buffer; writes go to `reader.get_ref()`.
+    reader: BufReader<Transport>,
+    name: String,
+    neg: Negotiated,
+    block: BlockSize,
+    /// Largest read, write or zero request sent.
+    max_request: u32,
+    next_cookie: u64,
+    /// Set once the connection can no longer be trusted.
+    dead: Option<(ErrorKind, String)>,
+    slots: Vec<Slot>,
+    in_flight: usize,
+    /// The server said ESHUTDOWN: disconnect once the replies are in.
+    shutting_down: bool,
+    /// Extents of the block status request in flight.
+    extents: Vec<(u64, u32)>,
+    /// Buffer for error chunk payloads and skipped block status chunks.
+    scratch: Vec<u8>,
+}
+
+impl Client {
+    /// Connect to `uri` and negotiate.
+    pub fn connect(uri: &NbdUri, opts: &ClientOptions) -> Result<Client> {
+        let name = if opts.name.is_empty() {
+            uri.to_string()
+        } else {
+            opts.name.clone()
+        };
+        let transport =
+            Transport::connect(uri, opts.timeout).map_err(|e| Error::io(&name, "connect", e))?;
+        Client::handshake(transport, uri.export(), &name)
+    }
+
+    /// Negotiate `export` on an already connected transport (a socketpair
+    /// with a server subprocess, or a test peer).
+    pub fn handshake(transport: Transport, export: &str, name: &str) -> Result<Client> {
+        let mut transport = transport;
+        let neg = negotiate(&mut transport, export, name)?;
+        Ok(Client::new(transport, neg, name))
+    }
+
+    fn new(transport: Transport, neg: Negotiated, name: &str) -> Client {
+        let given = neg.block_size.unwrap_or_default();
+        let minimum = given.minimum.max(1);
+        let mut maximum = given.maximum.min(MAX_REQUEST_SIZE);
+        maximum -= maximum % minimum;
+        // Prefer requests that are whole preferred blocks.
+        let max_request = if maximum >= given.preferred && given.preferred > 0 {
+            maximum - maximum % given.preferred
+        } else {
+            maximum
+        };
+        Client {
+            reader: BufReader::with_capacity(READ_BUFFER_SIZE, transport),
+            name: name.to_string(),
+            block: BlockSize {
+                minimum,
+                preferred: given.preferred,
+                maximum,
+            },
+            max_request,
+            neg,
+            next_cookie: 1,
+            dead: None,
+            slots: Vec::new(),
+            in_flight: 0,
+            shutting_down: false,
+            extents: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Name used in errors.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.neg.size
+    }
+
+    /// Transmission flags.
+    pub fn flags(&self) -> u16 {
+        self.neg.flags
+    }
+
+    /// What the handshake settled.
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.neg
+    }
+
+    /// Block size constraints: the server's, or 1 / 4096 / 32 MiB; the
+    /// maximum is never above 32 MiB.
+    pub fn block_size(&self) -> BlockSize {
+        self.block
+    }
+
+    fn has(&self, flag: u16) -> bool {
+        self.neg.flags & flag != 0
+    }
+
+    /// `NBD_CMD_FLUSH` is supported.
+    pub fn can_flush(&self) -> bool {
+        self.has(NBD_FLAG_SEND_FLUSH)
+    }
+
+    /// `NBD_CMD_TRIM` is supported.
+    pub fn can_trim(&self) -> bool {
+        self.has(NBD_FLAG_SEND_TRIM)
+    }
+
+    /// `NBD_CMD_WRITE_ZEROES` is supported.
+    pub fn can_zero(&self) -> bool {
+        self.has(NBD_FLAG_SEND_WRITE_ZEROES)
+    }
+
+    /// `NBD_CMD_FLAG_FAST_ZERO` is supported.
+    pub fn can_fast_zero(&self) -> bool {
+        self.can_zero() && self.has(NBD_FLAG_SEND_FAST_ZERO)
+    }
+
+    /// The export is read-only.
+    pub fn read_only(&self) -> bool {
+        self.has(NBD_FLAG_READ_ONLY)
+    }
+
+    /// Several connections see one another's writes after a flush.
+    pub fn multi_conn(&self) -> bool {
+        self.has(NBD_FLAG_CAN_MULTI_CONN)
+    }
+
+    /// `base:allocation` was negotiated: [`Client::block_status`] works.
+    pub fn has_base_allocation(&self) -> bool {
+        self.neg.base_allocation.is_some()
+    }
+
+    /// Change how long a read or write on the socket may block
+    /// (`None`: forever).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<()> {
+        self.reader
+            .get_ref()
+            .set_timeout(timeout)
+            .map_err(|e| Error::io(&self.name, "set timeout", e))
+    }
+
+    /// Whether an earlier error left the connection unusable.
+    pub fn is_dead(&self) -> bool {
+        self.dead.is_some()
+    }
+
+    // -- errors -------------------------------------------------------------
+
+    fn error(&self, kind: ErrorKind, op: &'static str, msg: impl Into<String>) -> Error {
+        Error::new(kind, msg)
+            .with_endpoint(&self.name)
+            .with_operation(op)
+    }
+
+    fn check_alive(&self, op: &'static str) -> Result<()> {
+        match &self.dead {
+            None => Ok(()),
+            Some((kind, msg)) => Err(self.error(
+                *kind,
+                op,
+                format!("connection unusable after an earlier error: {msg}"),
+            )),
+        }
+    }
+
+    /// Mark the connection dead after a transport or protocol error, and
+    /// hang up: after a framing error nothing more can be read safely.
+    fn kill(&mut self, e: Error) -> Error {
+        if self.dead.is_none() {
+            self.dead = Some((e.kind(), e.to_string()));
+            let _ = self.reader.get_ref().shutdown(Shutdown::Both);
+        }
+        for s in &mut self.slots {
+            s.busy = false;
+            s.error = None;
+        }
+        self.in_flight = 0;
+        e
+    }
+
+    fn protocol(&mut self, op: &'static str, msg: impl Into<String>) -> Error {
+        let e = self.error(ErrorKind::Protocol, op, msg);
+        self.kill(e)
+    }
+
+    fn io_error(&mut self, op: &'static str, e: io::Error) -> Error {
+        let e = if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection")
+        } else {
+            e
+        };
+        let e = Error::io(&self.name, op, e);
+        self.kill(e)
+    }
+
+    // -- sending ------------------------------------------------------------
+
+    fn free_slot(&mut self) -> usize {
+        match self.slots.iter().position(|s| !s.busy) {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot::default());
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// Send one request (and its payload) and record it in flight.
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        op: &'static str,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+        target: usize,
+        buf_start: usize,
+    ) -> Result<()> {
+        let cookie = self.next_cookie;
+        self.next_cookie = self.next_cookie.wrapping_add(1);
+        let header = Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        }
+        .encode();
+        let mut slices = [IoSlice::new(&header), IoSlice::new(payload)];
+        let mut sock = self.reader.get_ref();
+        if let Err(e) = write_all_vectored(&mut sock, &mut slices) {
+            return Err(self.io_error(op, e));
+        }
+        let i = self.free_slot();
+        let s = &mut self.slots[i];
+        s.busy = true;
+        s.cookie = cookie;
+        s.command = command;
+        s.op = op;
+        s.offset = offset;
+        s.length = length;
+        s.target = target;
+        s.buf_start = buf_start;
+        s.covered.clear();
+        s.got_status = false;
+        s.error = None;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    // -- receiving ----------------------------------------------------------
+
+    fn read_exact(&mut self, op: &'static str, buf: &mut [u8]) -> Result<()> {
+        match self.reader.read_exact(buf) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.io_error(op, e)),
+        }
+    }
+
+    /// Read a payload into `dst`: whatever the buffer already holds is
+    /// copied, the rest comes straight from the socket.
+    fn read_payload(reader: &mut BufReader<Transport>, dst: &mut [u8]) -> io::Result<()> {
+        let buffered = reader.buffer();
+        let n = buffered.len().min(dst.len());
+        dst[..n].copy_from_slice(&buffered[..n]);
+        reader.consume(n);
+        if n < dst.len() {
+            // The buffer is empty now, so reading past it keeps the order.
+            reader.get_mut().read_exact(&mut dst[n..])?;
+        }
+        Ok(())
+    }
+
+    /// Read and drop `n` bytes (a chunk for a context we did not ask for).
+    fn skip(&mut self, op: &'static str, mut n: usize) -> Result<()> {
+        let mut tmp = std::mem::take(&mut self.scratch);
+        tmp.resize(tmp.len().max(64 * 1024), 0);
+        let mut r = Ok(());
+        while n > 0 {
+            let k = n.min(tmp.len());
+            if let Err(e) = self.read_exact(op, &mut tmp[..k]) {
+                r = Err(e);
+                break;
+            }
+            n -= k;
+        }
+        self.scratch = tmp;
+        r
+    }
+
+    fn find_slot(&mut self, cookie: u64) -> Result<usize> {
+        match self.slots.iter().position(|s| s.busy && s.cookie == cookie) {
+            Some(i) => Ok(i),
+            None => Err(self.protocol(
+                "reply",
+                format!("server sent a reply with unknown cookie {cookie}"),
+            )),
+        }
+    }
+
+    fn server_error(&self, si: usize, errno: u32, said: &str, at: Option<u64>) -> Error {
+        let s = &self.slots[si];
+        let mut msg = errno_message(errno).to_string();
+        if let Some(at) = at {
+            msg.push_str(&format!(" at offset {at}"));
+        }
+        let said = said.trim();
+        if !said.is_empty() {
+            msg.push_str(&format!(" (server said: {said})"));
+        }
+        self.error(ErrorKind::Server, s.op, msg)
+            .at(s.offset, s.length.into())
+    }
+
+    /// Remember the first error of a request.
+    fn set_error(&mut self, si: usize, errno: u32, e: Error) {
+        if errno == NBD_ESHUTDOWN {
+            self.shutting_down = true;
+        }
+        let s = &mut self.slots[si];
+        if s.error.is_none() {
+            s.error = Some(e);
+        }
+    }
+
+    /// Retire slot `si` after its final reply, checking that a successful
+    /// reply said everything it had to.
+    fn complete(&mut self, si: usize) -> Result<Completed> {
+        let s = &mut self.slots[si];
+        s.busy = false;
+        self.in_flight -= 1;
+        let error = s.error.take();
+        let (op, length, command) = (s.op, s.length, s.command);
+        if error.is_none() {
+            if command == NBD_CMD_READ && s.covered.as_slice() != [(0, length)] {
+                let got: u64 = s.covered.iter().map(|&(a, b)| u64::from(b - a)).sum();
+                let (o, l) = (s.offset, s.length);
+                let e = self
+                    .error(
+                        ErrorKind::Protocol,
+                        op,
+                        format!("server sent a short read reply ({got} of {length} bytes)"),
+                    )
+                    .at(o, l.into());
+                return Err(self.kill(e));
+            }
+            if command == NBD_CMD_BLOCK_STATUS && !s.got_status {
+                return Err(self.protocol(op, "server sent no extents for base:allocation"));
+            }
+        }
+        Ok(Completed {
+            command,
+            length,
+            error,
+        })
+    }
+
+    /// Read one reply message (a simple reply or one chunk) and act on it.
+    /// Returns the request it completed, if any. Server errors are kept in
+    /// the `Completed`; an `Err` means the connection is dead.
+    fn receive<R: ReadRequest>(&mut self, reads: &mut [R]) -> Result<Option<Completed>> {
+        let mut h = [0u8; MAX_REPLY_HEADER_LEN];
+        self.read_exact("reply", &mut h[..4])?;
+        let hlen = match reply_header_len(&h[..4]) {
+            Ok(n) => n,
+            Err(e) => return Err(self.protocol("reply", e.to_string())),
+        };
+        self.read_exact("reply", &mut h[4..hlen])?;
+        if hlen == SIMPLE_REPLY_LEN {
+            let r = match SimpleReply::decode(&h[..hlen]) {
+                Ok(r) => r,
+                Err(e) => return Err(self.protocol("reply", e.to_string())),
+            };
+            let si = self.find_slot(r.cookie)?;
+            return self.simple_reply(si, r, reads).map(Some);
+        }
+        let c = match ChunkHeader::decode(&h[..hlen]) {
+            Ok(c) => c,
+            Err(e) => return Err(self.protocol("reply", e.to_string())),
+        };
+        if !self.neg.structured_replies {
+            return Err(self.protocol(
+                "reply",
+                "server sent a structured reply without negotiating them",
+            ));
+        }
+        let si = self.find_slot(c.cookie)?;
+        self.chunk(si, &c, reads)?;
+        if c.is_done() {
+            self.complete(si).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn simple_reply<R: ReadRequest>(
+        &mut self,
+        si: usize,
+        r: SimpleReply,
+        reads: &mut [R],
+    ) -> Result<Completed> {
+        let s = &self.slots[si];
+        let (op, command, length, target, start) =
+            (s.op, s.command, s.length, s.target, s.buf_start);
+        if r.error != 0 {
+            // No payload follows an error, even for a read.
+            let e = self.server_error(si, r.error, "", None);
+            self.set_error(si, r.error, e);
+        } else if command == NBD_CMD_READ {
+            let Some(req) = reads.get_mut(target) else {
+                return Err(self.protocol(op, "internal error: read target missing"));
+            };
+            let dst = &mut req.buffer()[start..start + length as usize];
+            if let Err(e) = Self::read_payload(&mut self.reader, dst) {
+                return Err(self.io_error(op, e));
+            }
+            let s = &mut self.slots[si];
+            s.covered.clear();
+            s.covered.push((0, length));
+        } else if command == NBD_CMD_BLOCK_STATUS {
+            return Err(self.protocol(op, "server answered block status with a simple reply"));
+        }
+        self.complete(si)
+    }
+
+    /// Check that `[offset, offset + len)` lies inside the request in slot
+    /// `si` and does not overlap earlier chunks; returns its position
+    /// relative to the request.
+    fn place(&mut self, si: usize, what: &str, offset: u64, len: u32) -> Result<u32> {
+        let s = &mut self.slots[si];
+        let rel = offset.checked_sub(s.offset).and_then(|rel| {
+            let end = rel.checked_add(len.into())?;
+            (end <= u64::from(s.length)).then_some(rel as u32)
+        });
+        let Some(rel) = rel else {
+            let msg = format!(
+                "server sent {what} chunk at offset {offset} length {len} outside the request (offset {} length {})",
+                s.offset, s.length
+            );
+            let op = s.op;
+            return Err(self.protocol(op, msg));
+        };
+        if !cover(&mut s.covered, rel, rel + len) {
+            let op = s.op;
+            return Err(self.protocol(
+                op,
+                format!("server sent overlapping {what} chunk at offset {offset} length {len}"),
+            ));
+        }
+        Ok(rel)
+    }
+
+    fn chunk<R: ReadRequest>(&mut self, si: usize, c: &ChunkHeader, reads: &mut [R]) -> Result<()> {
+        let s = &self.slots[si];
+        let (op, command, target, start) = (s.op, s.command, s.target, s.buf_start);
+        match c.chunk_type {
+            NBD_REPLY_TYPE_NONE => {
+                if !c.is_done() {
+                    return Err(self.protocol(op, "server sent a NONE chunk without the DONE flag"));
+                }
+            }
+            NBD_REPLY_TYPE_OFFSET_DATA | NBD_REPLY_TYPE_OFFSET_HOLE if command != NBD_CMD_READ => {
+                return Err(self.protocol(
+                    op,
+                    format!(
+                        "server sent a read chunk in reply to {}",
+                        command_name(command)
+                    ),
+                ));
+            }
+            NBD_REPLY_TYPE_OFFSET_DATA => {
+                let mut b = [0u8; 8];
+                self.read_exact(op, &mut b)?;
+                let offset =
+                    decode_offset_data_prefix(&b).map_err(|e| self.protocol(op, e.to_string()))?;
+                // The header decoder bounded length to 9..=32 MiB + 8.
+                let len = c.length - 8;
+                let rel = self.place(si, "data", offset, len)?;
+                let Some(req) = reads.get_mut(target) else {
+                    return Err(self.protocol(op, "internal error: read target missing"));
+                };
+                let from = start + rel as usize;
+                let dst = &mut req.buffer()[from..from + len as usize];
+                if let Err(e) = Self::read_payload(&mut self.reader, dst) {
+                    return Err(self.io_error(op, e));
+                }
+            }
+            NBD_REPLY_TYPE_OFFSET_HOLE => {
+                let mut b = [0u8; 12];
+                self.read_exact(op, &mut b)?;
+                let hole = OffsetHole::decode(&b).map_err(|e| self.protocol(op, e.to_string()))?;
+                let rel = self.place(si, "hole", hole.offset, hole.length)?;
+                let Some(req) = reads.get_mut(target) else {
+                    return Err(self.protocol(op, "internal error: read target missing"));
+                };
+                let from = start + rel as usize;
+                req.buffer()[from..from + hole.length as usize].fill(0);
+            }
+            NBD_REPLY_TYPE_BLOCK_STATUS => {
+                if command != NBD_CMD_BLOCK_STATUS {
+                    return Err(self.protocol(
+                        op,
+                        format!(
+                            "server sent block status in reply to {}",
+                            command_name(command)
+                        ),
+                    ));
+                }
+                self.block_status_chunk(si, c.length)?;
+            }
+            t if t & NBD_REPLY_TYPE_ERROR_BIT != 0 => {
+                // Bounded to MAX_ERROR_PAYLOAD by the header decoder.
+                let mut payload = std::mem::take(&mut self.scratch);
+                payload.resize(c.length as usize, 0);
+                let r = self.read_exact(op, &mut payload);
+                let decoded = r.map(|()| ErrorChunk::decode(t, &payload));
+                self.scratch = payload;
+                let ec = match decoded? {
+                    Ok(ec) => ec,
+                    Err(e) => return Err(self.protocol(op, e.to_string())),
+                };
+                if let Some(at) = ec.offset {
+                    let s = &self.slots[si];
+                    if at < s.offset || at >= s.offset + u64::from(s.length) {
+                        let msg = format!(
+                            "server reported an error at offset {at}, outside the request (offset {} length {})",
+                            s.offset, s.length
+                        );
+                        return Err(self.protocol(op, msg));
+                    }
+                }
+                let mut msg = ec.message;
+                if t != NBD_REPLY_TYPE_ERROR && t != NBD_REPLY_TYPE_ERROR_OFFSET {
+                    msg = format!("unknown error chunk type {t:#x}; {msg}");
+                }
+                let e = self.server_error(si, ec.error, &msg, ec.offset);
+                self.set_error(si, ec.error, e);
+            }
+            t => {
+                // The header decoder refuses unknown non-error types, but
+                // be safe should that change.
+                return Err(self.protocol(op, format!("server sent unknown chunk type {t}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decode a block status chunk piece by piece, so a long one is never
+    /// buffered whole; extents past the end of the request are an error,
+    /// and the last one is clipped to it.
+    fn block_status_chunk(&mut self, si: usize, length: u32) -> Result<()> {
+        let op = self.slots[si].op;
+        let mut idb = [0u8; 4];
+        self.read_exact(op, &mut idb)?;
+        let id = u32::from_be_bytes(idb);
+        let mut remaining = (length - 4) as usize;
+        if Some(id) != self.neg.base_allocation {
+            return self.skip(op, remaining);
+        }
+        if self.slots[si].got_status {
+            return Err(self.protocol(
+                op,
+                "server sent two block status chunks for base:allocation",
+            ));
+        }
+        self.slots[si].got_status = true;
+        let req_len = u64::from(self.slots[si].length);
+        self.extents.clear();
+        let mut total = 0u64;
+        let mut buf = [0u8; 512 * BLOCK_DESCRIPTOR_LEN];
+        while remaining > 0 {
+            let k = remaining.min(buf.len());
+            self.read_exact(op, &mut buf[..k])?;
+            remaining -= k;
+            for d in buf[..k].chunks_exact(BLOCK_DESCRIPTOR_LEN) {
+                let d = match BlockDescriptor::decode(d) {
+                    Ok(d) => d,
+                    Err(e) => return Err(self.protocol(op, e.to_string())),
+                };
+                if total >= req_len {
+                    return Err(self.protocol(
+                        op,
+                        "server sent extents beyond the end of the block status request",
+                    ));
+                }
+                let len = u64::from(d.length).min(req_len - total);
+                self.extents.push((len, d.flags));
+                total += u64::from(d.length);
+            }
+        }
+        Ok(())
+    }
+
+    /// After a batch: the server asked us to go away (ESHUTDOWN), so do so
+    /// politely now that nothing is in flight.
+    fn after_batch(&mut self) {
+        if self.shutting_down && self.in_flight == 0 && self.dead.is_none() {
+            let _ = self.disconnect();
+        }
+    }
+
+    // -- public operations --------------------------------------------------
+
+    /// Fill every buffer in `reqs` from its offset, keeping at most
+    /// `max_in_flight` requests and `max_bytes_in_flight` bytes in flight
+    /// (at least one request is always allowed). Buffers longer than the
+    /// maximum request size are split. On a server error the remaining
+    /// requests are not sent; the first error is returned once the
+    /// replies still due have arrived.
+    pub fn read_many<R: ReadRequest>(
+        &mut self,
+        reqs: &mut [R],
+        max_in_flight: usize,
+        max_bytes_in_flight: usize,
+    ) -> Result<()> {
+        self.check_alive("read")?;
+        let max_in_flight = max_in_flight.max(1);
+        let max_bytes = max_bytes_in_flight as u64;
+        let max_request = self.max_request as usize;
+        let mut bytes_in_flight = 0u64;
+        let mut first_error: Option<Error> = None;
+        let (mut idx, mut pos) = (0usize, 0usize);
+        loop {
+            while first_error.is_none() && idx < reqs.len() && self.in_flight < max_in_flight {
+                let offset = reqs[idx].offset();
+                let total = reqs[idx].buffer().len();
+                if pos >= total {
+                    idx += 1;
+                    pos = 0;
+                    continue;
+                }
+                let len = (total - pos).min(max_request);
+                if self.in_flight > 0 && bytes_in_flight + len as u64 > max_bytes {
+                    break;
+                }
+                let Some(at) = offset.checked_add(pos as u64) else {
+                    return Err(self.error(ErrorKind::Usage, "read", "offset overflows"));
+                };
+                self.send("read", NBD_CMD_READ, 0, at, len as u32, &[], idx, pos)?;
+                bytes_in_flight += len as u64;
+                pos += len;
+            }
+            if self.in_flight == 0 {
+                break;
+            }
+            if let Some(done) = self.receive(reqs)? {
+                bytes_in_flight = bytes_in_flight.saturating_sub(done.length.into());
+                if first_error.is_none() {
+                    first_error = done.error;
+                }
+            }
+        }
+        self.after_batch();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Turn the part of `cmd` after its first `done` bytes into the next
+    /// request, or `None` when it is all sent.
+    fn next_write(&self, cmd: &WriteCmd<'_>, done: u64) -> Result<Option<SubRequest>> {
+        let max = u64::from(self.max_request);
+        let (op, offset, total) = match *cmd {
+            WriteCmd::Write { offset, data } => ("write", offset, data.len() as u64),
+            WriteCmd::WriteZeroes { offset, length, .. } => ("zero", offset, length),
+            WriteCmd::Trim { offset, length } => ("trim", offset, length),
+        };
+        if done >= total {
+            return Ok(None);
+        }
+        let at = offset
+            .checked_add(done)
+            .ok_or_else(|| self.error(ErrorKind::Usage, op, "offset overflows"))?;
+        if self.read_only() {
+            return Err(self
+                .error(ErrorKind::Unsupported, op, "the export is read-only")
+                .at(at, total - done));
+        }
+        let left = total - done;
+        let r = match *cmd {
+            WriteCmd::Write { .. } => {
+                let n = left.min(max) as u32;
+                SubRequest::new(op, NBD_CMD_WRITE, 0, at, n, done as usize)
+            }
+            WriteCmd::WriteZeroes {
+                no_hole, fast_zero, ..
+            } => {
+                if fast_zero && !self.can_fast_zero() {
+                    return Err(self
+                        .error(ErrorKind::Unsupported, op, "server cannot zero fast")
+                        .at(at, left));
+                }
+                if self.can_zero() {
+                    let mut flags = 0;
+                    if no_hole {
+                        flags |= NBD_CMD_FLAG_NO_HOLE;
+                    }
+                    if fast_zero {
+                        flags |= NBD_CMD_FLAG_FAST_ZERO;
+                    }
+                    let n = left.min(max) as u32;
+                    SubRequest::new(op, NBD_CMD_WRITE_ZEROES, flags, at, n, 0)
+                } else {
+                    let n = left.min(max).min(ZERO_BUF_LEN as u64) as u32;
+                    SubRequest::new(op, NBD_CMD_WRITE, 0, at, n, 0)
+                }
+            }
+            WriteCmd::Trim { .. } => {
+                if !self.can_trim() {
+                    return Err(self
+                        .error(ErrorKind::Unsupported, op, "server does not support trim")
+                        .at(at, left));
+                }
+                SubRequest::new(op, NBD_CMD_TRIM, 0, at, left.min(max) as u32, 0)
+            }
+        };
+        Ok(Some(r))
+    }
+
+    fn overlaps_in_flight(&self, offset: u64, length: u32) -> bool {
+        let end = offset.saturating_add(length.into());
+        self.slots
+            .iter()
+            .any(|s| s.busy && s.offset < end && offset < s.offset.saturating_add(s.length.into()))
+    }
+
+    /// Perform `ops` with up to `max_in_flight` requests and
+    /// `max_bytes_in_flight` payload bytes in flight. Long commands are
+    /// split. A command overlapping one still in flight waits for it, so
+    /// the result is as if the commands ran in order. On a server error
+    /// no more requests are sent and the first error is returned once the
+    /// replies still due have arrived.
+    pub fn write_many<'a, I>(
+        &mut self,
+        ops: I,
+        max_in_flight: usize,
+        max_bytes_in_flight: usize,
+    ) -> Result<()>
+    where
+        I: IntoIterator<Item = WriteCmd<'a>>,
+    {
+        self.check_alive("write")?;
+        let max_in_flight = max_in_flight.max(1);
+        let max_bytes = max_bytes_in_flight as u64;
+        let mut ops = ops.into_iter();
+        let mut current: Option<(WriteCmd<'a>, u64)> = None;
+        let mut bytes_in_flight = 0u64;
+        let mut first_error: Option<Error> = None;
+        let mut none: [(u64, &mut [u8]); 0] = [];
+        let mut finished = false;
+        loop {
+            while first_error.is_none() && !finished && self.in_flight < max_in_flight {
+                let (cmd, done) = match current {
+                    Some(c) => c,
+                    None => match ops.next() {
+                        Some(cmd) => (cmd, 0),
+                        None => {
+                            finished = true;
+                            break;
+                        }
+                    },
+                };
+                let next = match self.next_write(&cmd, done) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        first_error = Some(e);
+                        break;
+                    }
+                };
+                let Some(SubRequest {
+                    op,
+                    command,
+                    flags,
+                    offset,
+                    length,
+                    data_at,
+                }) = next
+                else {
+                    current = None;
+                    continue;
+                };
+                current = Some((cmd, done));
+                let payload: &[u8] = match (command, cmd) {
+                    (NBD_CMD_WRITE, WriteCmd::Write { data, .. }) => {
+                        &data[data_at..data_at + length as usize]
+                    }
+                    (NBD_CMD_WRITE, _) => &ZERO_BUF[..length as usize],
+                    _ => &[],
+                };
+                let counted = payload.len() as u64;
+                if self.in_flight > 0 && bytes_in_flight + counted > max_bytes {
+                    break;
+                }
+                if self.in_flight > 0 && self.overlaps_in_flight(offset, length) {
+                    break;
+                }
+                self.send(op, command, flags, offset, length, payload, 0, 0)?;
+                bytes_in_flight += counted;
+                current = Some((cmd, done + u64::from(length)));
+            }
+            // The loop above only stops with nothing in flight when the
+            // commands are all sent or one failed.
+            if self.in_flight == 0 {
+                break;
+            }
+            if let Some(done) = self.receive(&mut none)? {
+                if done.command == NBD_CMD_WRITE {
+                    bytes_in_flight = bytes_in_flight.saturating_sub(done.length.into());
+                }
+                if first_error.is_none() {
+                    first_error = done.error;
+                }
+            }
+        }
+        self.after_batch();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Run one request with no payload to completion.
+    fn round_trip(
+        &mut self,
+        op: &'static str,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+    ) -> Result<()> {
+        self.check_alive(op)?;
+        self.send(op, command, flags, offset, length, &[], 0, 0)?;
+        let mut none: [(u64, &mut [u8]); 0] = [];
+        let mut first_error = None;
+        while self.in_flight > 0 {
+            if let Some(done) = self.receive(&mut none)? {
+                if first_error.is_none() {
+                    first_error = done.error;
+                }
+            }
+        }
+        self.after_batch();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Make completed writes durable (`NBD_CMD_FLUSH`); an `Unsupported`
+    /// error if the server lacks it.
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.can_flush() {
+            return Err(self.error(
+                ErrorKind::Unsupported,
+                "flush",
+                "server does not support flush",
+            ));
+        }
+        self.round_trip("flush", NBD_CMD_FLUSH, 0, 0, 0)
+    }
+
+    /// `base:allocation` extents of `[offset, offset + length)`, as
+    /// (length, `NBD_STATE_*` flags) pairs starting at `offset`. One
+    /// request is sent, its length clamped to what 32 bits hold (rounded
+    /// to the minimum block size), so the list may end early; the last
+    /// extent is clipped to the request.
+    pub fn block_status(&mut self, offset: u64, length: u64) -> Result<Vec<(u64, u32)>> {
+        const OP: &str = "block status";
+        if self.neg.base_allocation.is_none() {
+            return Err(self.error(
+                ErrorKind::Unsupported,
+                OP,
+                "server does not support base:allocation",
+            ));
+        }
+        if length == 0 {
+            return Ok(Vec::new());
+        }
+        let min = u64::from(self.block.minimum);
+        let cap = u64::from(u32::MAX) / min * min;
+        let len = length.min(cap) as u32;
+        self.round_trip(OP, NBD_CMD_BLOCK_STATUS, 0, offset, len)?;
+        Ok(std::mem::take(&mut self.extents))
+    }
+
+    /// End the session: send `NBD_CMD_DISC` and shut the socket down. The
+    /// client is unusable afterwards.
+    pub fn disconnect(&mut self) -> Result<()> {
+        if self.dead.is_some() {
+            return Ok(());
+        }
+        let header = Request {
+            flags: 0,
+            command: NBD_CMD_DISC,
+            cookie: self.next_cookie,
+            offset: 0,
+            length: 0,
+        }
+        .encode();
+        let mut sock = self.reader.get_ref();
+        let sent = io::Write::write_all(&mut sock, &header);
+        let _ = self.reader.get_ref().shutdown(Shutdown::Write);
+        self.dead = Some((ErrorKind::Io, "disconnected".to_string()));
+        sent.map_err(|e| Error::io(&self.name, "disconnect", e))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,597 @@
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::thread;
+use std::time::Duration;
+
+use super::tests_support::{FakeConfig, FakeServer, Misbehave};
+use super::*;
+use crate::nbd::handshake::tests::Peer;
+
+fn connect(server: &FakeServer) -> Client {
+    let opts = ClientOptions {
+        name: "fake".into(),
+        timeout: Some(Duration::from_secs(10)),
+    };
+    Client::connect(&server.uri(), &opts).unwrap()
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 24) as u8 ^ seed)
+        .collect()
+}
+
+fn start(size: usize, f: impl FnOnce(&mut FakeConfig)) -> FakeServer {
+    FakeServer::start(size, f)
+}
+
+#[test]
+fn cover_tracks_ranges() {
+    let mut r = Vec::new();
+    assert!(cover(&mut r, 10, 20));
+    assert!(cover(&mut r, 0, 5));
+    assert_eq!(r, vec![(0, 5), (10, 20)]);
+    assert!(!cover(&mut r, 4, 6));
+    assert!(!cover(&mut r, 19, 21));
+    assert!(!cover(&mut r, 12, 13));
+    assert!(!cover(&mut r, 0, 30));
+    assert!(cover(&mut r, 5, 10));
+    assert_eq!(r, vec![(0, 20)]);
+    assert!(cover(&mut r, 25, 30));
+    assert!(cover(&mut r, 20, 25));
+    assert_eq!(r, vec![(0, 30)]);
+}
+
+#[test]
+fn capabilities_and_block_size_defaults() {
+    let server = start(1 << 20, |_| {});
+    let c = connect(&server);
+    assert_eq!(c.size(), 1 << 20);
+    assert!(c.can_flush() && c.can_trim() && c.can_zero() && c.can_fast_zero());
+    assert!(c.multi_conn() && c.has_base_allocation() && !c.read_only());
+    assert_eq!(
+        c.block_size(),
+        BlockSize {
+            minimum: 1,
+            preferred: 4096,
+            maximum: 32 << 20
+        }
+    );
+
+    let server = start(4096, |c| c.block_size = Some((512, 4096, u32::MAX)));
+    let c = connect(&server);
+    assert_eq!(
+        c.block_size(),
+        BlockSize {
+            minimum: 512,
+            preferred: 4096,
+            maximum: 32 << 20
+        }
+    );
+}
+
+#[test]
+fn pipelined_reads_with_holes_and_reordered_replies() {
+    let server = start(1 << 20, |_| {});
+    let data = pattern(1 << 20, 1);
+    server.fill(0, &data);
+    // Zero stretches become hole chunks.
+    server.fill(8192, &[0u8; 3 * 4096]);
+    let mut expect = data.clone();
+    expect[8192..8192 + 3 * 4096].fill(0);
+    let mut c = connect(&server);
+    let sizes = [4096usize, 100, 65536, 12288 + 7, 1, 200_000];
+    let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0xaa; n]).collect();
+    let offsets = [8192u64, 3, 100_000, 4095, 0, 500_000];
+    let mut reqs: Vec<(u64, &mut [u8])> = offsets
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|(&o, b)| (o, b.as_mut_slice()))
+        .collect();
+    c.read_many(&mut reqs, 3, 1 << 20).unwrap();
+    for (o, b) in offsets.iter().zip(&bufs) {
+        let o = *o as usize;
+        assert_eq!(&b[..], &expect[o..o + b.len()], "offset {o}");
+    }
+    assert!(server.max_pending() <= 3, "{}", server.max_pending());
+    assert!(server.max_pending() >= 2, "{}", server.max_pending());
+}
+
+#[test]
+fn bytes_in_flight_are_bounded() {
+    let server = start(1 << 20, |_| {});
+    let mut c = connect(&server);
+    let mut bufs = vec![vec![0u8; 65536]; 8];
+    let mut reqs: Vec<(u64, &mut [u8])> = bufs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, b)| (i as u64 * 65536, b.as_mut_slice()))
+        .collect();
+    c.read_many(&mut reqs, 64, 2 * 65536).unwrap();
+    assert!(server.max_pending() <= 2, "{}", server.max_pending());
+    // One request bigger than the byte limit still goes.
+    let mut big = vec![0u8; 1 << 20];
+    c.read_many(&mut [(0u64, big.as_mut_slice())], 64, 1)
+        .unwrap();
+}
+
+#[test]
+fn large_requests_are_split_to_the_server_maximum() {
+    let server = start(1 << 20, |c| c.block_size = Some((512, 4096, 65536)));
+    let data = pattern(1 << 20, 2);
+    server.fill(0, &data);
+    let mut c = connect(&server);
+    let mut buf = vec![0u8; 1 << 20];
+    c.read_many(&mut [(0u64, buf.as_mut_slice())], 4, 1 << 20)
+        .unwrap();
+    assert_eq!(buf, data);
+    let new = pattern(1 << 20, 3);
+    c.write_many(
+        [WriteCmd::Write {
+            offset: 0,
+            data: &new,
+        }],
+        4,
+        1 << 20,
+    )
+    .unwrap();
+    c.write_many(
+        [WriteCmd::WriteZeroes {
+            offset: 0,
+            length: 300_000 - 300_000 % 512,
+            no_hole: true,
+            fast_zero: false,
+        }],
+        4,
+        1 << 20,
+    )
+    .unwrap();
+    let reqs = server.requests();
+    assert!(reqs.iter().all(|r| r.length <= 65536), "{reqs:?}");
+    assert!(
+        reqs.iter()
+            .all(|r| r.offset % 512 == 0 && r.length % 512 == 0)
+    );
+    let zeroes: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.command == NBD_CMD_WRITE_ZEROES)
+        .collect();
+    assert!(zeroes.len() > 1);
+    assert!(zeroes.iter().all(|r| r.flags == NBD_CMD_FLAG_NO_HOLE));
+    let mut want = new.clone();
+    want[..299_520].fill(0);
+    assert_eq!(server.data(), want);
+}
+
+#[test]
+fn reads_from_a_server_without_structured_replies() {
+    let server = start(65536, |c| c.structured = false);
+    let data = pattern(65536, 4);
+    server.fill(0, &data);
+    let mut c = connect(&server);
+    assert!(!c.negotiated().structured_replies);
+    assert!(!c.has_base_allocation());
+    let mut a = vec![0u8; 30000];
+    let mut b = vec![0u8; 30000];
+    c.read_many(
+        &mut [(0u64, a.as_mut_slice()), (35536, b.as_mut_slice())],
+        8,
+        1 << 20,
+    )
+    .unwrap();
+    assert_eq!(a, data[..30000]);
+    assert_eq!(b, data[35536..]);
+    let e = c.block_status(0, 4096).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+}
+
+#[test]
+fn writes_zeroes_trims_and_flush() {
+    let server = start(1 << 20, |_| {});
+    let mut c = connect(&server);
+    let a = pattern(100_000, 5);
+    let b = pattern(50_000, 6);
+    c.write_many(
+        [
+            WriteCmd::Write {
+                offset: 0,
+                data: &a,
+            },
+            WriteCmd::Write {
+                offset: 200_000,
+                data: &b,
+            },
+            WriteCmd::WriteZeroes {
+                offset: 10_000,
+                length: 5000,
+                no_hole: false,
+                fast_zero: true,
+            },
+            // Overlaps the first write: must land after it.
+            WriteCmd::Write {
+                offset: 50_000,
+                data: &b,
+            },
+            WriteCmd::Trim {
+                offset: 900_000,
+                length: 4096,
+            },
+        ],
+        8,
+        1 << 20,
+    )
+    .unwrap();
+    c.flush().unwrap();
+    let mut want = vec![0u8; 1 << 20];
+    want[..100_000].copy_from_slice(&a);
+    want[200_000..250_000].copy_from_slice(&b);
+    want[10_000..15_000].fill(0);
+    want[50_000..100_000].copy_from_slice(&b);
+    assert_eq!(server.data(), want);
+    let reqs = server.requests();
+    let fz = reqs
+        .iter()
+        .find(|r| r.command == NBD_CMD_WRITE_ZEROES)
+        .unwrap();
+    assert_eq!(fz.flags, NBD_CMD_FLAG_FAST_ZERO);
+    assert!(reqs.iter().any(|r| r.command == NBD_CMD_TRIM));
+    assert_eq!(reqs.last().unwrap().command, NBD_CMD_FLUSH);
+}
+
+#[test]
+fn zeroes_without_write_zeroes_use_the_zero_buffer() {
+    let server = start(12 << 20, |c| c.write_zeroes = false);
+    server.fill(0, &vec![9u8; 12 << 20]);
+    let mut c = connect(&server);
+    assert!(!c.can_zero() && !c.can_fast_zero());
+    c.write_many(
+        [WriteCmd::WriteZeroes {
+            offset: 1,
+            length: (10 << 20) + 5,
+            no_hole: false,
+            fast_zero: false,
+        }],
+        4,
+        16 << 20,
+    )
+    .unwrap();
+    let d = server.data();
+    assert_eq!(d[0], 9);
+    assert!(d[1..(10 << 20) + 6].iter().all(|&b| b == 0));
+    assert_eq!(d[(10 << 20) + 6], 9);
+    assert!(server.max_write_seen() <= ZERO_BUF_LEN as u64);
+    let e = c
+        .write_many(
+            [WriteCmd::WriteZeroes {
+                offset: 0,
+                length: 1,
+                no_hole: false,
+                fast_zero: true,
+            }],
+            4,
+            1 << 20,
+        )
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert!(!c.is_dead());
+}
+
+#[test]
+fn unsupported_commands_are_refused_locally() {
+    let server = start(65536, |c| {
+        c.trim = false;
+        c.flush = false;
+    });
+    let mut c = connect(&server);
+    let e = c
+        .write_many(
+            [WriteCmd::Trim {
+                offset: 0,
+                length: 1,
+            }],
+            1,
+            1,
+        )
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert_eq!(c.flush().unwrap_err().kind(), ErrorKind::Unsupported);
+    let server = start(65536, |c| c.read_only = true);
+    let mut c = connect(&server);
+    let e = c
+        .write_many(
+            [WriteCmd::Write {
+                offset: 0,
+                data: &[1],
+            }],
+            1,
+            1,
+        )
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert!(server.requests().is_empty());
+}
+
+#[test]
+fn server_errors_leave_the_connection_usable() {
+    for simple_errors in [false, true] {
+        let server = start(1 << 20, |c| {
+            c.fail_at = Some(70_000);
+            c.simple_errors = simple_errors;
+        });
+        let mut c = connect(&server);
+        let mut bufs = vec![vec![0u8; 16384]; 40];
+        let mut reqs: Vec<(u64, &mut [u8])> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| (i as u64 * 16384, b.as_mut_slice()))
+            .collect();
+        let e = c.read_many(&mut reqs, 4, 1 << 20).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Server);
+        assert_eq!(e.offset(), Some(65536));
+        let s = e.to_string();
+        assert!(
+            s.starts_with("fake: read at offset 65536 length 16384: Input/output error"),
+            "{s}"
+        );
+        if !simple_errors {
+            assert!(s.contains("at offset 70000"), "{s}");
+            assert!(s.contains("injected failure"), "{s}");
+        }
+        assert!(!c.is_dead());
+        // Requests after the failing one were not sent.
+        let sent = server.requests().len();
+        assert!(sent < 40, "{sent}");
+        let mut b = vec![0u8; 512];
+        c.read_many(&mut [(0u64, b.as_mut_slice())], 4, 1 << 20)
+            .unwrap();
+        let e = c
+            .write_many(
+                [WriteCmd::Write {
+                    offset: 69_000,
+                    data: &[1u8; 2000],
+                }],
+                4,
+                1 << 20,
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Server);
+        assert!(
+            e.to_string()
+                .starts_with("fake: write at offset 69000 length 2000: ")
+        );
+        c.flush().unwrap();
+    }
+}
+
+fn protocol_failure(m: Misbehave) -> Error {
+    let server = start(65536, |c| {
+        c.misbehave = m;
+        c.reorder = false;
+    });
+    let mut c = connect(&server);
+    let mut b = vec![0u8; 8192];
+    let e = c
+        .read_many(&mut [(4096u64, b.as_mut_slice())], 4, 1 << 20)
+        .unwrap_err();
+    assert!(c.is_dead(), "{m:?}");
+    let again = c
+        .read_many(&mut [(0u64, b.as_mut_slice())], 4, 1 << 20)
+        .unwrap_err();
+    assert!(again.to_string().contains("connection unusable"), "{again}");
+    assert_eq!(again.kind(), e.kind());
+    assert!(c.flush().is_err());
+    e
+}
+
+#[test]
+fn read_protocol_violations_kill_the_connection() {
+    let cases = [
+        (
+            Misbehave::ShortRead,
+            "short read reply (4096 of 8192 bytes)",
+        ),
+        (Misbehave::UnknownCookie, "unknown cookie"),
+        (Misbehave::ChunkOutside, "outside the request"),
+        (Misbehave::BadMagic, "bad magic"),
+        (Misbehave::Overlap, "overlapping data chunk"),
+        (Misbehave::ZeroErrno, "error value is zero"),
+        (Misbehave::HugeChunk, "too long"),
+    ];
+    for (m, want) in cases {
+        let e = protocol_failure(m);
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{m:?}: {e}");
+        assert!(e.to_string().contains(want), "{m:?}: {e}");
+        assert!(e.to_string().starts_with("fake: "), "{m:?}: {e}");
+    }
+    let e = protocol_failure(Misbehave::CloseMidReply);
+    assert_eq!(e.kind(), ErrorKind::Io);
+    assert!(
+        e.to_string().contains("server closed the connection"),
+        "{e}"
+    );
+}
+
+#[test]
+fn read_chunk_for_a_write_is_a_protocol_error() {
+    let server = start(65536, |c| c.misbehave = Misbehave::HoleForWrite);
+    let mut c = connect(&server);
+    let e = c
+        .write_many(
+            [WriteCmd::Write {
+                offset: 0,
+                data: &[1u8; 512],
+            }],
+            4,
+            1 << 20,
+        )
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Protocol);
+    assert!(
+        e.to_string()
+            .contains("read chunk in reply to NBD_CMD_WRITE"),
+        "{e}"
+    );
+    assert!(c.is_dead());
+}
+
+#[test]
+fn block_status_extents() {
+    let server = start(1 << 20, |c| c.extra_context = true);
+    server.fill(8192, &[1u8; 4096]);
+    server.fill(20480, &[1u8; 1]);
+    let mut c = connect(&server);
+    let ext = c.block_status(0, 1 << 20).unwrap();
+    let z = NBD_STATE_HOLE | NBD_STATE_ZERO;
+    assert_eq!(
+        ext,
+        vec![
+            (8192, z),
+            (4096, 0),
+            (8192, z),
+            (4096, 0),
+            ((1 << 20) - 24576, z)
+        ]
+    );
+    let ext = c.block_status(4096, 6000).unwrap();
+    assert_eq!(ext, vec![(4096, z), (1904, 0)]);
+    assert!(c.block_status(0, 0).unwrap().is_empty());
+    // Lengths beyond 32 bits are clamped; the fake refuses beyond its size.
+    let e = c.block_status(0, 1 << 40).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Server);
+    let last = *server.requests().last().unwrap();
+    assert_eq!(last.command, NBD_CMD_BLOCK_STATUS);
+    assert_eq!(last.length, u32::MAX);
+    assert!(!c.is_dead());
+}
+
+#[test]
+fn block_status_length_is_clamped_to_the_minimum_block_size() {
+    let server = start(1 << 20, |c| c.block_size = Some((4096, 4096, 1 << 20)));
+    let mut c = connect(&server);
+    let _ = c.block_status(0, 1 << 40);
+    let last = *server.requests().last().unwrap();
+    assert_eq!(u64::from(last.length), (u64::from(u32::MAX) / 4096) * 4096);
+}
+
+#[test]
+fn block_status_protocol_violations() {
+    for (m, want) in [
+        (Misbehave::ExtentsBeyond, "beyond the end"),
+        (Misbehave::ZeroLengthExtent, "zero-length extent"),
+        (Misbehave::NoExtents, "no extents"),
+    ] {
+        let server = start(65536, |c| c.misbehave = m);
+        let mut c = connect(&server);
+        let e = c.block_status(0, 65536).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{m:?}: {e}");
+        assert!(e.to_string().contains(want), "{m:?}: {e}");
+        assert!(
+            e.to_string().starts_with("fake: block status: "),
+            "{m:?}: {e}"
+        );
+        assert!(c.is_dead());
+    }
+}
+
+#[test]
+fn disconnect_sends_disc() {
+    let server = start(65536, |_| {});
+    let mut c = connect(&server);
+    c.disconnect().unwrap();
+    assert!(c.is_dead());
+    assert!(c.flush().is_err());
+    // Give the server thread a moment to log the request.
+    for _ in 0..100 {
+        if server.requests().last().map(|r| r.command) == Some(NBD_CMD_DISC) {
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    panic!("no NBD_CMD_DISC: {:?}", server.requests());
+}
+
+#[test]
+fn unknown_export_from_connect() {
+    let server = start(4096, |c| c.export = "right".into());
+    let mut uri = server.uri();
+    uri.export = "wrong".into();
+    let e = Client::connect(&uri, &ClientOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Server);
+    assert!(
+        e.to_string()
+            .contains("server refused export 'wrong': unknown export"),
+        "{e}"
+    );
+    // The canonical URI names the endpoint when no name is given.
+    assert!(
+        e.to_string().starts_with("nbd+unix:///wrong?socket="),
+        "{e}"
+    );
+}
+
+#[test]
+fn silent_server_times_out() {
+    let (c, s) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let mut p = Peer(s);
+        p.serve_go("", 65536, NBD_FLAG_HAS_FLAGS, Some(1));
+        let mut h = [0u8; REQUEST_HEADER_LEN];
+        p.0.read_exact(&mut h).unwrap();
+        // Never answer; wait for the client to give up.
+        let mut rest = Vec::new();
+        let _ = p.0.read_to_end(&mut rest);
+    });
+    let t = Transport::from_unix(c);
+    t.set_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut client = Client::handshake(t, "", "slow").unwrap();
+    let mut b = vec![0u8; 512];
+    let e = client
+        .read_many(&mut [(0u64, b.as_mut_slice())], 1, 1 << 20)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().starts_with("slow: reply: "), "{e}");
+    assert!(client.is_dead());
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn structured_reply_without_negotiation_is_refused() {
+    let (c, s) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let mut p = Peer(s);
+        p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+        p.client_flags();
+        let (opt, _) = p.option();
+        p.reply(opt, NBD_REP_ERR_UNSUP, &[]);
+        let (opt, _) = p.option();
+        p.reply(
+            opt,
+            NBD_REP_INFO,
+            &Info::Export {
+                size: 4096,
+                flags: NBD_FLAG_HAS_FLAGS,
+            }
+            .encode(),
+        );
+        p.reply(opt, NBD_REP_ACK, &[]);
+        let mut h = [0u8; REQUEST_HEADER_LEN];
+        p.0.read_exact(&mut h).unwrap();
+        let r = Request::decode(&h).unwrap();
+        let c = ChunkHeader {
+            flags: NBD_REPLY_FLAG_DONE,
+            chunk_type: NBD_REPLY_TYPE_NONE,
+            cookie: r.cookie,
+            length: 0,
+        };
+        p.0.write_all(&c.encode()).unwrap();
+    });
+    let mut client = Client::handshake(Transport::from_unix(c), "", "t").unwrap();
+    let mut b = vec![0u8; 512];
+    let e = client
+        .read_many(&mut [(0u64, b.as_mut_slice())], 1, 1 << 20)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Protocol);
+    assert!(e.to_string().contains("without negotiating"), "{e}");
+    server.join().unwrap();
+}

@@ -1,0 +1,907 @@
+//! Client side of the fixed newstyle handshake.
+//!
+//! Order of business: greeting and client flags; `NBD_OPT_STRUCTURED_REPLY`
+//! (sparse reads and error messages); `NBD_OPT_SET_META_CONTEXT` for
+//! `base:allocation` (only possible with structured replies);
+//! `NBD_OPT_GO` asking for block size constraints, falling back to
+//! `NBD_OPT_EXPORT_NAME` for servers that predate `NBD_OPT_GO`.
+
+use std::io::{self, Read, Write};
+
+use super::wire::*;
+use crate::endpoint::BlockSize;
+use crate::error::{Error, ErrorKind, Result};
+
+/// What the handshake settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Transmission flags (`NBD_FLAG_*`); zero if the server did not set
+    /// `NBD_FLAG_HAS_FLAGS`.
+    pub flags: u16,
+    /// Block size constraints the server sent and that passed validation.
+    pub block_size: Option<BlockSize>,
+    /// Structured replies were negotiated.
+    pub structured_replies: bool,
+    /// Context id of `base:allocation`, if the server selected it.
+    pub base_allocation: Option<u32>,
+}
+
+const OP: &str = "handshake";
+
+struct Negotiator<'a, S> {
+    stream: &'a mut S,
+    name: &'a str,
+    export: &'a str,
+}
+
+/// Show the first bytes a non-NBD peer sent, as text when printable: it is
+/// usually the best clue to what answered (`SSH-2.0-`, `HTTP/1.`).
+fn describe_garbage(bytes: &[u8]) -> String {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    if bytes.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        format!("0x{hex} (\"{}\")", String::from_utf8_lossy(bytes))
+    } else {
+        format!("0x{hex}")
+    }
+}
+
+impl<S: Read + Write> Negotiator<'_, S> {
+    fn fail(&self, kind: ErrorKind, msg: impl Into<String>) -> Error {
+        Error::new(kind, msg)
+            .with_endpoint(self.name)
+            .with_operation(OP)
+    }
+
+    fn proto(&self, msg: impl Into<String>) -> Error {
+        self.fail(ErrorKind::Protocol, msg)
+    }
+
+    fn wire(&self, e: WireError) -> Error {
+        self.proto(e.to_string())
+    }
+
+    fn io(&self, e: io::Error) -> Error {
+        let e = if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server closed the connection during the handshake",
+            )
+        } else {
+            e
+        };
+        Error::io(self.name, OP, e)
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.stream.read_exact(buf).map_err(|e| self.io(e))
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> Result<()> {
+        self.stream.write_all(buf).map_err(|e| self.io(e))
+    }
+
+    fn send_option(&mut self, option: u32, data: &[u8]) -> Result<()> {
+        let length = u32::try_from(data.len())
+            .map_err(|_| self.fail(ErrorKind::Usage, "option data too long"))?;
+        let mut msg = Vec::with_capacity(OPTION_HEADER_LEN + data.len());
+        msg.extend_from_slice(&OptionHeader { option, length }.encode());
+        msg.extend_from_slice(data);
+        self.write_all(&msg)
+    }
+
+    /// Read one option reply to `option`. The payload length was bounded by
+    /// the decoder, so allocating it is safe.
+    fn read_reply(&mut self, option: u32) -> Result<(OptionReplyHeader, Vec<u8>)> {
+        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+        self.read_exact(&mut h)?;
+        let hdr = OptionReplyHeader::decode(&h).map_err(|e| self.wire(e))?;
+        if hdr.option != option {
+            return Err(self.proto(format!(
+                "server replied to {} while {} was pending",
+                option_name(hdr.option),
+                option_name(option)
+            )));
+        }
+        let mut payload = vec![0u8; hdr.length as usize];
+        self.read_exact(&mut payload)?;
+        Ok((hdr, payload))
+    }
+
+    /// Politely end negotiation after a failure the server reported; the
+    /// connection is dropped next, so errors do not matter.
+    fn abort(&mut self) {
+        let h = OptionHeader {
+            option: NBD_OPT_ABORT,
+            length: 0,
+        };
+        let _ = self.stream.write_all(&h.encode());
+    }
+
+    /// The text of an option error reply: what it means, plus what the
+    /// server said, if anything.
+    fn describe_error(hdr: &OptionReplyHeader, payload: &[u8]) -> String {
+        let what = match hdr.reply_type {
+            NBD_REP_ERR_UNSUP..=NBD_REP_ERR_TOO_BIG => {
+                option_error_message(hdr.reply_type).to_string()
+            }
+            t => format!("unknown error {t:#x}"),
+        };
+        format!("{what}{}", server_said(payload))
+    }
+
+    /// Errors that end negotiation whatever option they answer.
+    fn fatal_option_error(&mut self, hdr: &OptionReplyHeader, payload: &[u8]) -> Option<Error> {
+        let err = match hdr.reply_type {
+            NBD_REP_ERR_TLS_REQD => self.fail(
+                ErrorKind::Unsupported,
+                format!(
+                    "server requires TLS, which is not supported yet{}",
+                    server_said(payload)
+                ),
+            ),
+            NBD_REP_ERR_SHUTDOWN => self.fail(
+                ErrorKind::Server,
+                format!("server is shutting down{}", server_said(payload)),
+            ),
+            _ => return None,
+        };
+        self.abort();
+        Some(err)
+    }
+
+    fn oldstyle(&self) -> Error {
+        self.fail(
+            ErrorKind::Unsupported,
+            "server uses the oldstyle handshake, which is not supported",
+        )
+    }
+
+    fn greeting(&mut self) -> Result<bool> {
+        let mut g = [0u8; GREETING_LEN];
+        self.read_exact(&mut g[..8])?;
+        if check_init_magic(&g[..8]).is_err() {
+            return Err(self.proto(format!(
+                "not an NBD server: bad magic {}",
+                describe_garbage(&g[..8])
+            )));
+        }
+        self.read_exact(&mut g[8..16])?;
+        match Greeting::decode(&g[..16]) {
+            Ok(Greeting::Oldstyle) => return Err(self.oldstyle()),
+            // Newstyle: the flags are still to come.
+            Err(WireError::Truncated { .. }) | Ok(Greeting::Newstyle { .. }) => {}
+            Err(_) => {
+                return Err(self.proto(format!(
+                    "not an NBD server: bad magic {} after NBDMAGIC",
+                    describe_garbage(&g[8..16])
+                )));
+            }
+        }
+        self.read_exact(&mut g[16..])?;
+        let flags = match Greeting::decode(&g) {
+            Ok(Greeting::Newstyle { handshake_flags }) => handshake_flags,
+            Ok(Greeting::Oldstyle) => return Err(self.oldstyle()),
+            Err(e) => return Err(self.wire(e)),
+        };
+        if flags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(self.fail(
+                ErrorKind::Unsupported,
+                "server does not support fixed newstyle negotiation",
+            ));
+        }
+        let no_zeroes = flags & NBD_FLAG_NO_ZEROES != 0;
+        let mut client = NBD_FLAG_C_FIXED_NEWSTYLE;
+        if no_zeroes {
+            client |= NBD_FLAG_C_NO_ZEROES;
+        }
+        self.write_all(&encode_client_flags(client))?;
+        Ok(no_zeroes)
+    }
+
+    fn structured_replies(&mut self) -> Result<bool> {
+        self.send_option(NBD_OPT_STRUCTURED_REPLY, &[])?;
+        let (hdr, payload) = self.read_reply(NBD_OPT_STRUCTURED_REPLY)?;
+        match hdr.reply_type {
+            NBD_REP_ACK => Ok(true),
+            _ if hdr.is_error() => {
+                if let Some(e) = self.fatal_option_error(&hdr, &payload) {
+                    return Err(e);
+                }
+                log::debug!(
+                    "{}: no structured replies: {}",
+                    self.name,
+                    Self::describe_error(&hdr, &payload)
+                );
+                Ok(false)
+            }
+            t => Err(self.proto(format!(
+                "unexpected {} reply to NBD_OPT_STRUCTURED_REPLY",
+                option_reply_name(t)
+            ))),
+        }
+    }
+
+    fn base_allocation(&mut self) -> Result<Option<u32>> {
+        let data = encode_meta_context_payload(self.export, &[BASE_ALLOCATION])
+            .map_err(|e| self.fail(ErrorKind::Usage, e.to_string()))?;
+        self.send_option(NBD_OPT_SET_META_CONTEXT, &data)?;
+        let mut found = None;
+        loop {
+            let (hdr, payload) = self.read_reply(NBD_OPT_SET_META_CONTEXT)?;
+            match hdr.reply_type {
+                NBD_REP_META_CONTEXT => {
+                    let (id, name) =
+                        decode_meta_context_reply(&payload).map_err(|e| self.wire(e))?;
+                    if name == BASE_ALLOCATION {
+                        found = Some(id);
+                    } else {
+                        log::debug!(
+                            "{}: server selected unrequested context '{name}'",
+                            self.name
+                        );
+                    }
+                }
+                NBD_REP_ACK => return Ok(found),
+                _ if hdr.is_error() => {
+                    if let Some(e) = self.fatal_option_error(&hdr, &payload) {
+                        return Err(e);
+                    }
+                    // The protocol says to forget contexts sent before an
+                    // error; extents are then just not available.
+                    log::debug!(
+                        "{}: no base:allocation: {}",
+                        self.name,
+                        Self::describe_error(&hdr, &payload)
+                    );
+                    return Ok(None);
+                }
+                t => {
+                    return Err(self.proto(format!(
+                        "unexpected {} reply to NBD_OPT_SET_META_CONTEXT",
+                        option_reply_name(t)
+                    )));
+                }
+            }
+        }
+    }
+
+    /// `NBD_OPT_GO`; `Ok(None)` if the server does not know the option.
+    fn go(&mut self) -> Result<Option<(u64, u16, Option<BlockSize>)>> {
+        let data = encode_go_payload(self.export, &[NBD_INFO_BLOCK_SIZE])
+            .map_err(|e| self.fail(ErrorKind::Usage, e.to_string()))?;
+        self.send_option(NBD_OPT_GO, &data)?;
+        let mut export = None;
+        let mut block_size = None;
+        loop {
+            let (hdr, payload) = self.read_reply(NBD_OPT_GO)?;
+            match hdr.reply_type {
+                NBD_REP_INFO => match Info::decode(&payload).map_err(|e| self.wire(e))? {
+                    Info::Export { size, flags } => export = Some((size, flags)),
+                    Info::BlockSize {
+                        minimum,
+                        preferred,
+                        maximum,
+                    } => block_size = validate_block_size(self.name, minimum, preferred, maximum),
+                    Info::Other(_) => {}
+                },
+                NBD_REP_ACK => {
+                    let Some((size, flags)) = export else {
+                        return Err(self
+                            .proto("server accepted NBD_OPT_GO without sending NBD_INFO_EXPORT"));
+                    };
+                    return Ok(Some((size, flags, block_size)));
+                }
+                NBD_REP_ERR_UNSUP => return Ok(None),
+                _ if hdr.is_error() => {
+                    let msg = Self::describe_error(&hdr, &payload);
+                    let kind = match hdr.reply_type {
+                        NBD_REP_ERR_TLS_REQD => ErrorKind::Unsupported,
+                        // We always ask for block sizes, so this is the
+                        // server not following the protocol.
+                        NBD_REP_ERR_BLOCK_SIZE_REQD => ErrorKind::Protocol,
+                        _ => ErrorKind::Server,
+                    };
+                    let msg = if hdr.reply_type == NBD_REP_ERR_TLS_REQD {
+                        format!(
+                            "server requires TLS for export '{}', and TLS is not supported yet{}",
+                            self.export,
+                            server_said(&payload)
+                        )
+                    } else {
+                        format!("server refused export '{}': {msg}", self.export)
+                    };
+                    self.abort();
+                    return Err(self.fail(kind, msg));
+                }
+                t => {
+                    return Err(self.proto(format!(
+                        "unexpected {} reply to NBD_OPT_GO",
+                        option_reply_name(t)
+                    )));
+                }
+            }
+        }
+    }
+
+    fn export_name(&mut self, no_zeroes: bool) -> Result<(u64, u16)> {
+        let name_len = self.export.len();
+        if name_len > MAX_STRING {
+            return Err(self.fail(ErrorKind::Usage, "export name too long"));
+        }
+        let export = self.export.as_bytes().to_vec();
+        self.send_option(NBD_OPT_EXPORT_NAME, &export)?;
+        let mut b = [0u8; EXPORT_NAME_REPLY_LEN + EXPORT_NAME_PADDING];
+        let want = if no_zeroes {
+            EXPORT_NAME_REPLY_LEN
+        } else {
+            b.len()
+        };
+        // This option cannot fail politely: a server that does not like the
+        // export name just hangs up.
+        if let Err(e) = self.stream.read_exact(&mut b[..want]) {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                return Err(self.fail(
+                    ErrorKind::Server,
+                    format!(
+                        "server refused export '{}' (it closed the connection: the export may not exist or may require TLS)",
+                        self.export
+                    ),
+                ));
+            }
+            return Err(self.io(e));
+        }
+        let r = ExportNameReply::decode(&b).map_err(|e| self.wire(e))?;
+        Ok((r.size, r.flags))
+    }
+}
+
+/// What the server said with an error, ready to append to a message.
+fn server_said(payload: &[u8]) -> String {
+    let said = sanitize(payload);
+    if said.is_empty() {
+        String::new()
+    } else {
+        format!(" (server said: {said})")
+    }
+}
+
+/// Check block size constraints against the protocol's rules; a server
+/// that breaks them is ignored (with a warning) rather than trusted with
+/// our request sizes.
+pub fn validate_block_size(name: &str, min: u32, pref: u32, max: u32) -> Option<BlockSize> {
+    let ok = min.is_power_of_two()
+        && min <= 64 * 1024
+        && pref.is_power_of_two()
+        && pref >= min
+        && max >= min
+        && (max == u32::MAX || max % min == 0);
+    if ok {
+        Some(BlockSize {
+            minimum: min,
+            preferred: pref,
+            maximum: max,
+        })
+    } else {
+        log::warn!(
+            "{name}: ignoring invalid block size constraints from server (minimum {min}, preferred {pref}, maximum {max})"
+        );
+        None
+    }
+}
+
+/// Run the handshake on a freshly connected stream for `export`. `name` is
+/// the endpoint name used in errors.
+pub fn negotiate<S: Read + Write>(stream: &mut S, export: &str, name: &str) -> Result<Negotiated> {
+    let mut n = Negotiator {
+        stream,
+        name,
+        export,
+    };
+    let no_zeroes = n.greeting()?;
+    let structured_replies = n.structured_replies()?;
+    let base_allocation = if structured_replies {
+        n.base_allocation()?
+    } else {
+        None
+    };
+    let (size, flags, block_size) = match n.go()? {
+        Some(r) => r,
+        None => {
+            log::debug!("{name}: server does not support NBD_OPT_GO; using NBD_OPT_EXPORT_NAME");
+            let (size, flags) = n.export_name(no_zeroes)?;
+            (size, flags, None)
+        }
+    };
+    let flags = if flags & NBD_FLAG_HAS_FLAGS == 0 {
+        log::debug!("{name}: server did not set NBD_FLAG_HAS_FLAGS; assuming no features");
+        0
+    } else {
+        flags
+    };
+    log::debug!(
+        "{name}: export size {size}, flags {flags:#06x}, structured replies {structured_replies}, base:allocation {base_allocation:?}, block size {block_size:?}"
+    );
+    Ok(Negotiated {
+        size,
+        flags,
+        block_size,
+        structured_replies,
+        base_allocation,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    /// Helpers for a test thread playing the server.
+    pub(crate) struct Peer(pub UnixStream);
+
+    impl Peer {
+        pub fn greet(&mut self, flags: u16) {
+            self.0.write_all(&Greeting::encode_newstyle(flags)).unwrap();
+        }
+
+        pub fn client_flags(&mut self) -> u32 {
+            let mut b = [0u8; 4];
+            self.0.read_exact(&mut b).unwrap();
+            decode_client_flags(&b).unwrap()
+        }
+
+        pub fn option(&mut self) -> (u32, Vec<u8>) {
+            let mut h = [0u8; OPTION_HEADER_LEN];
+            self.0.read_exact(&mut h).unwrap();
+            let h = OptionHeader::decode(&h).unwrap();
+            let mut data = vec![0u8; h.length as usize];
+            self.0.read_exact(&mut data).unwrap();
+            (h.option, data)
+        }
+
+        pub fn reply(&mut self, option: u32, reply_type: u32, payload: &[u8]) {
+            let h = OptionReplyHeader {
+                option,
+                reply_type,
+                length: payload.len() as u32,
+            };
+            self.0.write_all(&h.encode()).unwrap();
+            self.0.write_all(payload).unwrap();
+        }
+
+        /// A complete modern handshake for `export`.
+        pub fn serve_go(&mut self, export: &str, size: u64, flags: u16, context: Option<u32>) {
+            self.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+            assert_eq!(
+                self.client_flags(),
+                NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
+            );
+            let (opt, _) = self.option();
+            assert_eq!(opt, NBD_OPT_STRUCTURED_REPLY);
+            self.reply(opt, NBD_REP_ACK, &[]);
+            let (opt, data) = self.option();
+            assert_eq!(opt, NBD_OPT_SET_META_CONTEXT);
+            let (name, queries) = decode_meta_context_payload(&data).unwrap();
+            assert_eq!(name, export);
+            assert_eq!(queries, vec![BASE_ALLOCATION.to_string()]);
+            if let Some(id) = context {
+                self.reply(
+                    opt,
+                    NBD_REP_META_CONTEXT,
+                    &encode_meta_context_reply(id, BASE_ALLOCATION),
+                );
+            }
+            self.reply(opt, NBD_REP_ACK, &[]);
+            let (opt, data) = self.option();
+            assert_eq!(opt, NBD_OPT_GO);
+            let (name, reqs) = decode_go_payload(&data).unwrap();
+            assert_eq!(name, export);
+            assert_eq!(reqs, vec![NBD_INFO_BLOCK_SIZE]);
+            self.reply(opt, NBD_REP_INFO, &Info::Export { size, flags }.encode());
+            self.reply(opt, NBD_REP_ACK, &[]);
+        }
+    }
+
+    fn run<F>(export: &str, server: F) -> Result<Negotiated>
+    where
+        F: FnOnce(Peer) + Send + 'static,
+    {
+        let (c, s) = UnixStream::pair().unwrap();
+        let t = thread::spawn(move || server(Peer(s)));
+        let mut c = c;
+        let r = negotiate(&mut c, export, "test");
+        drop(c);
+        t.join().unwrap();
+        r
+    }
+
+    #[test]
+    fn happy_path_with_go() {
+        let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_WRITE_ZEROES;
+        let n = run("disk", move |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+            assert_eq!(p.client_flags(), 3);
+            let (opt, data) = p.option();
+            assert_eq!((opt, data.len()), (NBD_OPT_STRUCTURED_REPLY, 0));
+            p.reply(opt, NBD_REP_ACK, &[]);
+            let (opt, _) = p.option();
+            assert_eq!(opt, NBD_OPT_SET_META_CONTEXT);
+            p.reply(
+                opt,
+                NBD_REP_META_CONTEXT,
+                &encode_meta_context_reply(9, "qemu:dirty"),
+            );
+            p.reply(
+                opt,
+                NBD_REP_META_CONTEXT,
+                &encode_meta_context_reply(5, BASE_ALLOCATION),
+            );
+            p.reply(opt, NBD_REP_ACK, &[]);
+            let (opt, _) = p.option();
+            assert_eq!(opt, NBD_OPT_GO);
+            p.reply(opt, NBD_REP_INFO, &Info::Other(NBD_INFO_NAME).encode());
+            p.reply(
+                opt,
+                NBD_REP_INFO,
+                &Info::BlockSize {
+                    minimum: 512,
+                    preferred: 4096,
+                    maximum: 1 << 25,
+                }
+                .encode(),
+            );
+            p.reply(
+                opt,
+                NBD_REP_INFO,
+                &Info::Export {
+                    size: 1 << 20,
+                    flags,
+                }
+                .encode(),
+            );
+            p.reply(opt, NBD_REP_ACK, &[]);
+        })
+        .unwrap();
+        assert_eq!(
+            n,
+            Negotiated {
+                size: 1 << 20,
+                flags,
+                block_size: Some(BlockSize {
+                    minimum: 512,
+                    preferred: 4096,
+                    maximum: 1 << 25
+                }),
+                structured_replies: true,
+                base_allocation: Some(5),
+            }
+        );
+    }
+
+    #[test]
+    fn fallback_to_export_name_with_zero_padding() {
+        let n = run("old", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE);
+            assert_eq!(p.client_flags(), NBD_FLAG_C_FIXED_NEWSTYLE);
+            let (opt, _) = p.option();
+            assert_eq!(opt, NBD_OPT_STRUCTURED_REPLY);
+            p.reply(opt, NBD_REP_ERR_UNSUP, &[]);
+            // No SET_META_CONTEXT without structured replies.
+            let (opt, _) = p.option();
+            assert_eq!(opt, NBD_OPT_GO);
+            p.reply(opt, NBD_REP_ERR_UNSUP, b"what is GO?");
+            let (opt, data) = p.option();
+            assert_eq!(opt, NBD_OPT_EXPORT_NAME);
+            assert_eq!(data, b"old");
+            let r = ExportNameReply {
+                size: 4096,
+                flags: NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY,
+            };
+            p.0.write_all(&r.encode()).unwrap();
+            p.0.write_all(&[0u8; EXPORT_NAME_PADDING]).unwrap();
+        })
+        .unwrap();
+        assert_eq!(n.size, 4096);
+        assert_eq!(n.flags, NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY);
+        assert!(!n.structured_replies);
+        assert_eq!(n.base_allocation, None);
+        assert_eq!(n.block_size, None);
+    }
+
+    #[test]
+    fn fallback_to_export_name_without_padding() {
+        let n = run("", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+            p.client_flags();
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ACK, &[]);
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ERR_UNSUP, &[]);
+            let (opt, _) = p.option();
+            assert_eq!(opt, NBD_OPT_GO);
+            p.reply(opt, NBD_REP_ERR_UNSUP, &[]);
+            let (opt, data) = p.option();
+            assert_eq!((opt, data.len()), (NBD_OPT_EXPORT_NAME, 0));
+            p.0.write_all(&ExportNameReply { size: 7, flags: 0 }.encode())
+                .unwrap();
+        })
+        .unwrap();
+        assert_eq!(n.size, 7);
+        // HAS_FLAGS clear: no features assumed.
+        assert_eq!(n.flags, 0);
+        assert!(n.structured_replies);
+        assert_eq!(n.base_allocation, None);
+    }
+
+    #[test]
+    fn export_name_refused_by_hanging_up() {
+        let e = run("nope", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE);
+            p.client_flags();
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ERR_UNSUP, &[]);
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ERR_UNSUP, &[]);
+            p.option();
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Server);
+        assert!(
+            e.to_string().contains("server refused export 'nope'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_export_is_a_clear_error() {
+        let e = run("foo", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+            p.client_flags();
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ACK, &[]);
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ERR_UNKNOWN, &[]);
+            let (opt, _) = p.option();
+            assert_eq!(opt, NBD_OPT_GO);
+            p.reply(opt, NBD_REP_ERR_UNKNOWN, b"no export 'foo'\n");
+            // The client says goodbye.
+            let (opt, _) = p.option();
+            assert_eq!(opt, NBD_OPT_ABORT);
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Server);
+        assert_eq!(
+            e.to_string(),
+            "test: handshake: server refused export 'foo': unknown export (server said: no export 'foo')"
+        );
+    }
+
+    #[test]
+    fn tls_required() {
+        let e = run("x", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+            p.client_flags();
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ERR_TLS_REQD, b"TLS first");
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(e.to_string().contains("server requires TLS"), "{e}");
+        assert!(e.to_string().contains("TLS first"), "{e}");
+    }
+
+    #[test]
+    fn tls_required_for_export() {
+        let e = run("secret", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+            p.client_flags();
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ACK, &[]);
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ACK, &[]);
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ERR_TLS_REQD, &[]);
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(
+            e.to_string()
+                .contains("server requires TLS for export 'secret'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn garbage_bytes() {
+        let e = run("x", |mut p| {
+            p.0.write_all(b"SSH-2.0-OpenSSH_9.6\r\n").unwrap();
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(
+            e.to_string()
+                .contains("not an NBD server: bad magic 0x5353482d322e302d (\"SSH-2.0-\")"),
+            "{e}"
+        );
+        let e = run("x", |mut p| {
+            p.0.write_all(b"NBDMAGIC\x01\x02\x03\x04\x05\x06\x07\x08\0\x01")
+                .unwrap();
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(e.to_string().contains("not an NBD server"), "{e}");
+    }
+
+    #[test]
+    fn oldstyle_and_unfixed_newstyle_are_refused() {
+        let e = run("x", |mut p| {
+            let mut b = Vec::new();
+            b.extend_from_slice(&NBD_MAGIC.to_be_bytes());
+            b.extend_from_slice(&NBD_CLISERV_MAGIC.to_be_bytes());
+            b.extend_from_slice(&[0u8; 8 + 4 + 124]);
+            p.0.write_all(&b).unwrap();
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(e.to_string().contains("oldstyle"), "{e}");
+        let e = run("x", |mut p| p.greet(0)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(e.to_string().contains("fixed newstyle"), "{e}");
+    }
+
+    #[test]
+    fn peer_closing_early() {
+        for cut in [0usize, 5, 8, 12, 17] {
+            let e = run("x", move |mut p| {
+                let g = Greeting::encode_newstyle(NBD_FLAG_FIXED_NEWSTYLE);
+                p.0.write_all(&g[..cut]).unwrap();
+            })
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Io, "cut {cut}");
+            assert!(
+                e.to_string().contains("server closed the connection"),
+                "cut {cut}: {e}"
+            );
+        }
+        // Closing in the middle of option haggling.
+        let e = run("x", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE);
+            p.client_flags();
+            p.option();
+            let h = OptionReplyHeader {
+                option: NBD_OPT_STRUCTURED_REPLY,
+                reply_type: NBD_REP_ACK,
+                length: 0,
+            }
+            .encode();
+            p.0.write_all(&h[..10]).unwrap();
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io);
+    }
+
+    #[test]
+    fn oversized_option_reply_is_refused_without_allocating() {
+        let e = run("x", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE);
+            p.client_flags();
+            let (opt, _) = p.option();
+            let h = OptionReplyHeader {
+                option: opt,
+                reply_type: NBD_REP_ERR_UNSUP,
+                length: u32::MAX,
+            };
+            p.0.write_all(&h.encode()).unwrap();
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(e.to_string().contains("too long"), "{e}");
+    }
+
+    #[test]
+    fn reply_to_wrong_option() {
+        let e = run("x", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE);
+            p.client_flags();
+            p.option();
+            p.reply(NBD_OPT_LIST, NBD_REP_ACK, &[]);
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(e.to_string().contains("NBD_OPT_LIST"), "{e}");
+    }
+
+    #[test]
+    fn go_without_export_info() {
+        let e = run("x", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+            p.client_flags();
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ERR_POLICY, &[]);
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ACK, &[]);
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(e.to_string().contains("NBD_INFO_EXPORT"), "{e}");
+    }
+
+    #[test]
+    fn invalid_block_size_is_ignored() {
+        let n = run("x", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+            p.client_flags();
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ERR_UNSUP, &[]);
+            let (opt, _) = p.option();
+            p.reply(
+                opt,
+                NBD_REP_INFO,
+                &Info::BlockSize {
+                    minimum: 3,
+                    preferred: 4096,
+                    maximum: 1 << 20,
+                }
+                .encode(),
+            );
+            p.reply(
+                opt,
+                NBD_REP_INFO,
+                &Info::Export {
+                    size: 1,
+                    flags: NBD_FLAG_HAS_FLAGS,
+                }
+                .encode(),
+            );
+            p.reply(opt, NBD_REP_ACK, &[]);
+        })
+        .unwrap();
+        assert_eq!(n.block_size, None);
+        assert_eq!(n.size, 1);
+    }
+
+    #[test]
+    fn block_size_validation() {
+        assert!(validate_block_size("t", 1, 4096, u32::MAX).is_some());
+        assert!(validate_block_size("t", 512, 4096, 1 << 25).is_some());
+        assert!(validate_block_size("t", 0, 4096, 1 << 25).is_none());
+        assert!(validate_block_size("t", 1 << 17, 1 << 17, 1 << 25).is_none());
+        assert!(validate_block_size("t", 4096, 512, 1 << 25).is_none());
+        assert!(validate_block_size("t", 512, 3000, 1 << 25).is_none());
+        assert!(validate_block_size("t", 512, 4096, 256).is_none());
+        assert!(validate_block_size("t", 512, 4096, 1000).is_none());
+    }
+
+    #[test]
+    fn meta_context_error_means_no_extents() {
+        let n = run("x", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+            p.client_flags();
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ACK, &[]);
+            let (opt, _) = p.option();
+            p.reply(
+                opt,
+                NBD_REP_META_CONTEXT,
+                &encode_meta_context_reply(1, BASE_ALLOCATION),
+            );
+            p.reply(opt, NBD_REP_ERR_INVALID, &[]);
+            let (opt, _) = p.option();
+            p.reply(
+                opt,
+                NBD_REP_INFO,
+                &Info::Export {
+                    size: 1,
+                    flags: NBD_FLAG_HAS_FLAGS,
+                }
+                .encode(),
+            );
+            p.reply(opt, NBD_REP_ACK, &[]);
+        })
+        .unwrap();
+        assert!(n.structured_replies);
+        assert_eq!(n.base_allocation, None);
+    }
+}

@@ -1,0 +1,279 @@
+//! The byte stream under an NBD connection: a TCP or Unix domain socket.
+//!
+//! Sockets are blocking (one thread drives one connection), have Nagle's
+//! algorithm off (the protocol asks for it: small request headers must not
+//! wait for an ACK) and large kernel buffers, so that many requests and
+//! replies can be in flight without the sender stalling.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
+
+use super::uri::{NbdAddress, NbdUri};
+
+/// Kernel send and receive buffer size asked for on every socket.
+pub const SOCKET_BUFFER_SIZE: usize = 4 * 1024 * 1024;
+
+/// A connected stream socket.
+#[derive(Debug)]
+pub enum Transport {
+    /// TCP connection.
+    Tcp(TcpStream),
+    /// Unix domain socket connection.
+    Unix(UnixStream),
+}
+
+/// Set the buffer sizes; the kernel may clamp them, and a failure only
+/// costs speed, so it is logged, not reported.
+fn tune_buffers(sock: SockRef<'_>) {
+    if let Err(e) = sock.set_send_buffer_size(SOCKET_BUFFER_SIZE) {
+        log::debug!("cannot set SO_SNDBUF: {e}");
+    }
+    if let Err(e) = sock.set_recv_buffer_size(SOCKET_BUFFER_SIZE) {
+        log::debug!("cannot set SO_RCVBUF: {e}");
+    }
+}
+
+fn connect_tcp_addr(addr: &SocketAddr, timeout: Option<Duration>) -> io::Result<TcpStream> {
+    let sock = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
+    // Buffers before connect(): the TCP window scale is fixed at the SYN.
+    tune_buffers(SockRef::from(&sock));
+    sock.set_nodelay(true)?;
+    let sa = SockAddr::from(*addr);
+    match timeout {
+        Some(t) => sock.connect_timeout(&sa, t)?,
+        None => sock.connect(&sa)?,
+    }
+    Ok(sock.into())
+}
+
+impl Transport {
+    /// Connect to the server `uri` names. `timeout` bounds the TCP connect
+    /// and, afterwards, every read and write.
+    pub fn connect(uri: &NbdUri, timeout: Option<Duration>) -> io::Result<Transport> {
+        let t = match &uri.address {
+            NbdAddress::Tcp { host, port } => {
+                let mut last = None;
+                let mut stream = None;
+                for addr in (host.as_str(), *port).to_socket_addrs()? {
+                    match connect_tcp_addr(&addr, timeout) {
+                        Ok(s) => {
+                            stream = Some(s);
+                            break;
+                        }
+                        Err(e) => {
+                            log::debug!("connect to {addr}: {e}");
+                            last = Some(e);
+                        }
+                    }
+                }
+                match stream {
+                    Some(s) => Transport::Tcp(s),
+                    None => {
+                        return Err(last.unwrap_or_else(|| {
+                            io::Error::new(
+                                io::ErrorKind::NotFound,
+                                format!("host '{host}' has no addresses"),
+                            )
+                        }));
+                    }
+                }
+            }
+            NbdAddress::Unix { path } => {
+                let sock = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+                tune_buffers(SockRef::from(&sock));
+                // SockAddr::unix treats a leading NUL as an abstract name.
+                sock.connect(&SockAddr::unix(path)?)?;
+                let stream: std::os::unix::net::UnixStream = sock.into();
+                Transport::Unix(stream)
+            }
+        };
+        t.set_timeout(timeout)?;
+        Ok(t)
+    }
+
+    /// Wrap an already connected Unix socket (a socketpair shared with a
+    /// server subprocess, or a test peer).
+    pub fn from_unix(stream: UnixStream) -> Transport {
+        tune_buffers(SockRef::from(&stream));
+        Transport::Unix(stream)
+    }
+
+    /// Wrap an already connected TCP socket.
+    pub fn from_tcp(stream: TcpStream) -> io::Result<Transport> {
+        stream.set_nodelay(true)?;
+        tune_buffers(SockRef::from(&stream));
+        Ok(Transport::Tcp(stream))
+    }
+
+    /// Bound every later read and write; `None` waits forever.
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Transport::Tcp(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
+            Transport::Unix(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
+        }
+    }
+
+    /// Shut down one or both directions.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Transport::Tcp(s) => s.shutdown(how),
+            Transport::Unix(s) => s.shutdown(how),
+        }
+    }
+}
+
+impl From<UnixStream> for Transport {
+    fn from(s: UnixStream) -> Transport {
+        Transport::from_unix(s)
+    }
+}
+
+// Reading and writing through `&Transport` lets a buffered reader own the
+// socket while writes go straight to it, as with `&TcpStream`.
+impl Read for &Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match *self {
+            Transport::Tcp(s) => (&*s).read(buf),
+            Transport::Unix(s) => (&*s).read(buf),
+        }
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        match *self {
+            Transport::Tcp(s) => (&*s).read_vectored(bufs),
+            Transport::Unix(s) => (&*s).read_vectored(bufs),
+        }
+    }
+}
+
+impl Write for &Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match *self {
+            Transport::Tcp(s) => (&*s).write(buf),
+            Transport::Unix(s) => (&*s).write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match *self {
+            Transport::Tcp(s) => (&*s).write_vectored(bufs),
+            Transport::Unix(s) => (&*s).write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        (&*self).read_vectored(bufs)
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        (&*self).write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Write every byte of `bufs`, in order, with as few system calls as the
+/// kernel allows (std's `write_all_vectored` is not stable).
+pub fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "failed to write whole buffer",
+                ));
+            }
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn unix_connect_read_write_vectored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 11];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(&buf).unwrap();
+        });
+        let mut t =
+            Transport::connect(&NbdUri::unix(&path, ""), Some(Duration::from_secs(5))).unwrap();
+        let mut slices = [
+            IoSlice::new(b"hello"),
+            IoSlice::new(b" "),
+            IoSlice::new(b"world"),
+        ];
+        write_all_vectored(&mut t, &mut slices).unwrap();
+        let mut back = [0u8; 11];
+        t.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"hello world");
+        t.shutdown(Shutdown::Both).unwrap();
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn tcp_connect_sets_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"x").unwrap();
+        });
+        let mut t = Transport::connect(&NbdUri::tcp("127.0.0.1", port, ""), None).unwrap();
+        match &t {
+            Transport::Tcp(s) => assert!(s.nodelay().unwrap()),
+            Transport::Unix(_) => panic!("expected TCP"),
+        }
+        let mut b = [0u8; 1];
+        t.read_exact(&mut b).unwrap();
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn connect_refused_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nobody.sock");
+        assert!(Transport::connect(&NbdUri::unix(&path, ""), None).is_err());
+    }
+}
