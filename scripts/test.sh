@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install what the tests need (when missing), then run the project's gates:
+# formatting, lints, and the whole test suite against real NBD servers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v nbdkit >/dev/null 2>&1 || missing+=(nbdkit)
+command -v nbd-server >/dev/null 2>&1 || missing+=(nbd-server)
+command -v qemu-nbd >/dev/null 2>&1 || missing+=(qemu-utils)
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+command -v script >/dev/null 2>&1 || missing+=(bsdutils)
+
+if ((${#missing[@]})); then
+    echo "scripts/test.sh: installing ${missing[*]}" >&2
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    # Packages such as nbd-server start a system service when installed;
+    # the tests start their own servers, so keep the system from starting
+    # any while we install (and remove the guard only if we added it).
+    guard=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+        $sudo chmod +x /usr/sbin/policy-rc.d
+        guard=1
+    fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    [ -z "$guard" ] || $sudo rm -f /usr/sbin/policy-rc.d
+fi
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo test --quiet 2>&1
