@@ -27,6 +27,23 @@ pub struct Limits {
     pub allocate: bool,
     /// Neighbouring writes are merged up to this many bytes.
     pub merge_writes: usize,
+    /// Where the source ends (`u64::MAX` if unknown).
+    pub tail_end: u64,
+    /// The destination's minimum block size: a last write or zero that
+    /// ends the source inside a block is padded with zeroes to the block's
+    /// end, since the destination cannot take a partial block (and the
+    /// destination is at least that large, its size being whole blocks).
+    pub tail_align: u64,
+}
+
+impl Limits {
+    /// Zero bytes needed after the source's last byte to end on a block.
+    fn tail_padding(&self) -> usize {
+        if self.tail_end == u64::MAX || self.tail_align <= 1 {
+            return 0;
+        }
+        (self.tail_end.next_multiple_of(self.tail_align) - self.tail_end) as usize
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -170,7 +187,27 @@ impl Batch {
                 }
             }
         }
+        self.pad_tail(&mut ops, limits);
         self.ops = ops;
+    }
+
+    /// Extend an operation that ends the source inside a destination block
+    /// to the end of that block (see [`Limits::tail_align`]).
+    fn pad_tail(&mut self, ops: &mut [Op], limits: &Limits) {
+        let pad = limits.tail_padding();
+        if pad == 0 {
+            return;
+        }
+        match ops.last_mut() {
+            Some(Op::Write { offset, start, len }) if *offset + *len as u64 == limits.tail_end => {
+                self.buf[*start + *len..*start + *len + pad].fill(0);
+                *len += pad;
+            }
+            Some(Op::Zero { offset, len }) if *offset + *len == limits.tail_end => {
+                *len += pad as u64
+            }
+            _ => {}
+        }
     }
 
     /// Drop everything at or beyond source offset `end`: used when a pipe
@@ -295,7 +332,12 @@ impl Cursor {
                     let chunk = limits.chunk as u64;
                     let stop = e.end().min((self.pos / chunk + 1) * chunk);
                     let len = (stop - self.pos) as usize;
-                    if request_count >= limits.requests || batch.used + len > batch.buf.len() {
+                    let room = if stop == limits.tail_end {
+                        len + limits.tail_padding()
+                    } else {
+                        len
+                    };
+                    if request_count >= limits.requests || batch.used + room > batch.buf.len() {
                         break;
                     }
                     batch.items.push(Item::Data(batch.reads.len()));
@@ -304,7 +346,7 @@ impl Cursor {
                         start: batch.used,
                         len,
                     });
-                    batch.used += len;
+                    batch.used += room;
                     batch.covered += len as u64;
                     self.advance_to(stop);
                 }
@@ -335,6 +377,8 @@ mod tests {
             skip_zeroes: false,
             allocate: false,
             merge_writes: 1 << 20,
+            tail_end: u64::MAX,
+            tail_align: 1,
         }
     }
 
@@ -444,6 +488,63 @@ mod tests {
             &|_| 0,
         );
         assert!(batches.concat().is_empty());
+    }
+
+    #[test]
+    fn the_last_write_is_padded_to_the_destination_block() {
+        let l = Limits {
+            tail_end: 10_000,
+            tail_align: 4096,
+            ..limits()
+        };
+        // Data up to the unaligned end: the last write grows to 12288 with
+        // zero bytes, even though the buffer held other data before.
+        let batches = drive(vec![ext(0, 10_000, false)], &l, &|_| 3);
+        let ops = batches.concat();
+        assert_eq!(
+            ops.last(),
+            Some(&Op::Write {
+                offset: 0,
+                start: 0,
+                len: 12288
+            })
+        );
+        // A zero run at the end is padded the same way.
+        let batches = drive(vec![ext(0, 10_000, false)], &l, &|o| {
+            if o < 8192 { 1 } else { 0 }
+        });
+        assert_eq!(
+            batches.concat().last(),
+            Some(&Op::Zero {
+                offset: 8192,
+                len: 4096
+            })
+        );
+    }
+
+    #[test]
+    fn padding_bytes_are_zero() {
+        let l = Limits {
+            tail_end: 5000,
+            tail_align: 4096,
+            ..limits()
+        };
+        let mut cursor = Cursor::new(vec![ext(0, 5000, false)]);
+        let mut batch = Batch::default();
+        cursor.fill(&mut batch, &l);
+        for op in batch.read_ops() {
+            op.buf.fill(0xaa);
+        }
+        // Leave garbage where the padding goes, as a previous batch would.
+        batch.buf[5000..8192].fill(0xbb);
+        batch.plan_writes(&l);
+        let ops = batch.write_ops(false);
+        let WriteOp::Write { offset, data } = ops[0] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!((offset, data.len()), (0, 8192));
+        assert!(data[..5000].iter().all(|&b| b == 0xaa));
+        assert!(data[5000..].iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -301,6 +301,8 @@ pub fn copy_endpoints(
         skip_zeroes: (dcaps.starts_zeroed || options.destination_is_zero) && !options.allocated,
         allocate: options.allocated,
         merge_writes: chunk.clamp(4 * 1024 * 1024, MAX_REQUEST_SIZE),
+        tail_end: source.size().unwrap_or(u64::MAX),
+        tail_align: dmin.max(1) as u64,
     };
 
     if scaps.sequential || source.size().is_none() {
