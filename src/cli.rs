@@ -86,6 +86,11 @@ struct Args {
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     timeout: Option<Duration>,
 
+    /// Retry a segment this many times after a dropped or stalled NBD
+    /// connection, reconnecting first (0: never).
+    #[arg(long, value_name = "N", default_value_t = crate::copy::DEFAULT_RETRIES)]
+    retries: u32,
+
     /// Say more (repeat for more detail).
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -243,6 +248,7 @@ pub fn parse(args: Vec<String>) -> Result<Invocation, (String, i32)> {
         extents: !parsed.no_extents,
         synchronous: parsed.synchronous,
         timeout: parsed.timeout,
+        retries: parsed.retries,
         ..CopyOptions::default()
     };
     options.validate().map_err(|e| usage(e.to_string()))?;

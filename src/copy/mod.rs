@@ -34,6 +34,9 @@ use segments::DEFAULT_SEGMENT_SIZE;
 
 /// The largest request nbdcp ever sends, as NBD servers commonly allow.
 pub const MAX_REQUEST_SIZE: usize = 32 * 1024 * 1024;
+/// Default `--retries`: with the back-off this gives a server about three
+/// seconds to come back.
+pub const DEFAULT_RETRIES: u32 = 5;
 /// The smallest `--request-size`.
 pub const MIN_REQUEST_SIZE: usize = 4096;
 
@@ -98,6 +101,9 @@ pub struct CopyOptions {
     pub synchronous: bool,
     /// Fail a request to an NBD server that takes longer than this.
     pub timeout: Option<Duration>,
+    /// Times a segment is retried after a dropped or stalled connection,
+    /// reconnecting first (`--retries`); 0 turns retrying off.
+    pub retries: u32,
     /// Size of the pieces the source is cut into for the workers.
     pub segment_size: u64,
     /// Told about progress from worker threads.
@@ -121,6 +127,7 @@ impl Default for CopyOptions {
             extents: true,
             synchronous: false,
             timeout: None,
+            retries: DEFAULT_RETRIES,
             segment_size: DEFAULT_SEGMENT_SIZE,
             progress: None,
             cancel: CancelToken::new(),
@@ -143,6 +150,7 @@ impl std::fmt::Debug for CopyOptions {
             .field("extents", &self.extents)
             .field("synchronous", &self.synchronous)
             .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
             .finish_non_exhaustive()
     }
 }
@@ -359,7 +367,7 @@ pub fn copy_endpoints(
     drop(tx);
 
     let tracker = Tracker::new(Some(size), options.progress.clone());
-    let shared = worker::Shared::new(
+    let mut shared = worker::Shared::new(
         limits,
         options.extents && scaps.extents,
         align as u64,
@@ -367,6 +375,8 @@ pub fn copy_endpoints(
         &options.cancel,
         tracker,
     );
+    shared.retries = options.retries;
+    shared.flush_segments = options.retries > 0 && dcaps.flush && handles[0].1.can_reconnect();
     let workers = handles.len();
     std::thread::scope(|scope| {
         let running: Vec<_> = handles

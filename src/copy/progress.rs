@@ -58,6 +58,11 @@ impl Tracker {
         }
     }
 
+    /// Take back `bytes` counted for work that must be redone.
+    pub(crate) fn sub(&self, bytes: u64) {
+        self.done.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
     pub(crate) fn done(&self) -> u64 {
         self.done.load(Ordering::Relaxed)
     }

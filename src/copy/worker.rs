@@ -5,9 +5,17 @@
 //! two-batch ring: the reading half fills one batch from the source while
 //! the writing half sends the previous one to the destination, so neither
 //! server waits for the other.
+//!
+//! A segment is the unit of retry. Its writes are idempotent and no other
+//! worker touches its range, so when a connection drops the worker
+//! reconnects that side and copies the whole segment again. With retries
+//! on, each finished segment is flushed before the next starts: a server
+//! that restarts may lose writes it acknowledged but never flushed, and a
+//! flushed segment never needs redoing.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, bounded};
 
@@ -30,8 +38,13 @@ pub(crate) struct Shared<'a> {
     pub tracker: Tracker,
     pub written: AtomicU64,
     pub zeroed: AtomicU64,
+    /// Times a failed segment may be retried after reconnecting.
+    pub retries: u32,
+    /// Flush the destination after each segment (retries are on and the
+    /// destination can reconnect).
+    pub flush_segments: bool,
     first_error: Mutex<Option<Error>>,
-    warned_extents: std::sync::atomic::AtomicBool,
+    warned_extents: AtomicBool,
 }
 
 impl<'a> Shared<'a> {
@@ -52,8 +65,10 @@ impl<'a> Shared<'a> {
             tracker,
             written: AtomicU64::new(0),
             zeroed: AtomicU64::new(0),
+            retries: 0,
+            flush_segments: false,
             first_error: Mutex::new(None),
-            warned_extents: Default::default(),
+            warned_extents: AtomicBool::new(false),
         }
     }
 
@@ -87,13 +102,6 @@ impl<'a> Shared<'a> {
         }
     }
 
-    /// Account for a batch whose destination operations completed.
-    pub(crate) fn completed(&self, batch: &Batch, written: u64, zeroed: u64) {
-        self.written.fetch_add(written, Ordering::Relaxed);
-        self.zeroed.fetch_add(zeroed, Ordering::Relaxed);
-        self.tracker.add(batch.covered());
-    }
-
     /// The extents of `segment`, or all data if the source cannot say.
     fn extents_of(
         &self,
@@ -117,6 +125,48 @@ impl<'a> Shared<'a> {
         };
         extents::align_zeroes(&raw, self.zero_align)
     }
+
+    /// Sleep before retry `attempt` (1-based), waking early on cancel.
+    fn back_off(&self, attempt: u32) {
+        let delay = backoff_delay(attempt);
+        let step = Duration::from_millis(20);
+        let mut slept = Duration::ZERO;
+        while slept < delay && !self.cancel.is_cancelled() {
+            std::thread::sleep(step);
+            slept += step;
+        }
+    }
+}
+
+/// How long to wait before retry `attempt` (1-based): 100 ms doubling up
+/// to 2 s, long enough for a server to restart, short enough that a dead
+/// one is given up on in seconds.
+pub(crate) fn backoff_delay(attempt: u32) -> Duration {
+    let ms = 100u64 << attempt.saturating_sub(1).min(10);
+    Duration::from_millis(ms.min(2000))
+}
+
+/// Which of a worker's two handles an error came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// An error and the handle it came from.
+struct Failure {
+    side: Side,
+    error: Error,
+}
+
+fn on(side: Side) -> impl Fn(Error) -> Failure {
+    move |error| Failure { side, error }
+}
+
+/// Errors worth reconnecting for: the transport failed or stalled. Errors
+/// the server reported, protocol violations and bad input are final.
+fn is_transient(err: &Error) -> bool {
+    matches!(err.kind(), ErrorKind::Io | ErrorKind::Timeout)
 }
 
 /// Copy segments from `segments` until it is empty or the copy is cancelled.
@@ -127,13 +177,78 @@ pub(crate) fn run(
     destination: &mut dyn Endpoint,
     segments: &Receiver<Segment>,
 ) {
-    let result = if shared.overlap {
-        run_overlapped(shared, source, destination, segments)
-    } else {
-        run_inline(shared, source, destination, segments)
-    };
+    let mut ring = [Batch::default(), Batch::default()];
+    let result = (|| -> Result<()> {
+        for segment in segments.iter() {
+            shared.check_cancelled()?;
+            copy_with_retries(shared, source, destination, segment, &mut ring)?;
+        }
+        Ok(())
+    })();
     if let Err(err) = result {
         shared.fail(err);
+    }
+}
+
+/// Copy one segment, reconnecting and starting the segment again after a
+/// transient failure, up to `shared.retries` times.
+fn copy_with_retries(
+    shared: &Shared<'_>,
+    source: &mut dyn Endpoint,
+    destination: &mut dyn Endpoint,
+    segment: Segment,
+    ring: &mut [Batch; 2],
+) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        let done = AtomicU64::new(0);
+        let outcome =
+            copy_segment(shared, source, destination, segment, ring, &done).and_then(|()| {
+                if shared.flush_segments {
+                    destination.flush().map_err(on(Side::Destination))
+                } else {
+                    Ok(())
+                }
+            });
+        let failure = match outcome {
+            Ok(()) => return Ok(()),
+            Err(f) => f,
+        };
+        // The segment will be counted again when it is redone.
+        shared.tracker.sub(done.load(Ordering::Relaxed));
+        let endpoint: &mut dyn Endpoint = match failure.side {
+            Side::Source => source,
+            Side::Destination => destination,
+        };
+        if shared.cancel.is_cancelled()
+            || !is_transient(&failure.error)
+            || !endpoint.can_reconnect()
+            || attempt >= shared.retries
+        {
+            return Err(failure.error);
+        }
+        // Reconnect, counting failed reconnections as retries too.
+        loop {
+            attempt += 1;
+            log::warn!(
+                "{}; retry {attempt} of {} (segment at offset {}) in {} ms",
+                failure.error,
+                shared.retries,
+                segment.offset,
+                backoff_delay(attempt).as_millis()
+            );
+            shared.back_off(attempt);
+            shared.check_cancelled()?;
+            match endpoint.reconnect() {
+                Ok(()) => break,
+                Err(e) if is_transient(&e) && attempt < shared.retries => {
+                    log::warn!("{e}");
+                }
+                Err(e) => {
+                    return Err(if is_transient(&e) { failure.error } else { e });
+                }
+            }
+        }
     }
 }
 
@@ -148,12 +263,13 @@ fn read_batch(shared: &Shared<'_>, source: &mut dyn Endpoint, batch: &mut Batch)
     Ok(())
 }
 
-/// Write a batch's planned operations to the destination.
+/// Write a batch's planned operations to the destination and account for
+/// it; returns the source bytes it covered.
 pub(crate) fn write_batch(
     shared: &Shared<'_>,
     destination: &mut dyn Endpoint,
     batch: &Batch,
-) -> Result<()> {
+) -> Result<u64> {
     let ops = batch.write_ops(shared.limits.allocate);
     let mut written = 0;
     let mut zeroed = 0;
@@ -166,83 +282,247 @@ pub(crate) fn write_batch(
     if !ops.is_empty() {
         destination.write_batch(&ops)?;
     }
-    shared.completed(batch, written, zeroed);
-    Ok(())
+    shared.written.fetch_add(written, Ordering::Relaxed);
+    shared.zeroed.fetch_add(zeroed, Ordering::Relaxed);
+    shared.tracker.add(batch.covered());
+    Ok(batch.covered())
 }
 
-fn run_inline(
+/// Copy one segment once. `done` counts the source bytes completed, so a
+/// failed attempt can be taken back out of the progress count.
+fn copy_segment(
     shared: &Shared<'_>,
     source: &mut dyn Endpoint,
     destination: &mut dyn Endpoint,
-    segments: &Receiver<Segment>,
-) -> Result<()> {
-    let mut batch = Batch::default();
-    for segment in segments.iter() {
-        shared.check_cancelled()?;
-        let mut cursor = Cursor::new(shared.extents_of(source, segment));
+    segment: Segment,
+    ring: &mut [Batch; 2],
+    done: &AtomicU64,
+) -> Result<(), Failure> {
+    let mut cursor = Cursor::new(shared.extents_of(source, segment));
+    if !shared.overlap {
+        let batch = &mut ring[0];
         while !cursor.is_done() {
-            shared.check_cancelled()?;
-            cursor.fill(&mut batch, &shared.limits);
-            read_batch(shared, source, &mut batch)?;
-            write_batch(shared, destination, &batch)?;
+            shared.check_cancelled().map_err(on(Side::Source))?;
+            cursor.fill(batch, &shared.limits);
+            read_batch(shared, source, batch).map_err(on(Side::Source))?;
+            let n = write_batch(shared, destination, batch).map_err(on(Side::Destination))?;
+            done.fetch_add(n, Ordering::Relaxed);
         }
+        return Ok(());
     }
-    Ok(())
-}
 
-fn run_overlapped(
-    shared: &Shared<'_>,
-    source: &mut dyn Endpoint,
-    destination: &mut dyn Endpoint,
-    segments: &Receiver<Segment>,
-) -> Result<()> {
-    let (full_tx, full_rx) = bounded::<Batch>(2);
-    let (free_tx, free_rx) = bounded::<Batch>(2);
-    for _ in 0..2 {
+    let (full_tx, full_rx) = bounded::<&mut Batch>(2);
+    let (free_tx, free_rx) = bounded::<&mut Batch>(2);
+    for batch in ring.iter_mut() {
         // Cannot fail: the channel has room for both and the receiver lives.
-        let _ = free_tx.send(Batch::default());
+        let _ = free_tx.send(batch);
     }
     std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> Result<()> {
+        let writer = scope.spawn(move || -> Result<(), Failure> {
             for batch in full_rx.iter() {
-                shared.check_cancelled()?;
-                write_batch(shared, destination, &batch)?;
+                shared.check_cancelled().map_err(on(Side::Destination))?;
+                let n = write_batch(shared, destination, batch).map_err(on(Side::Destination))?;
+                done.fetch_add(n, Ordering::Relaxed);
                 if free_tx.send(batch).is_err() {
                     break;
                 }
             }
             Ok(())
         });
-        let reader = (|| -> Result<()> {
-            for segment in segments.iter() {
-                shared.check_cancelled()?;
-                let mut cursor = Cursor::new(shared.extents_of(source, segment));
-                while !cursor.is_done() {
-                    shared.check_cancelled()?;
-                    // The writer gone means it failed; its error is recorded.
-                    let Ok(mut batch) = free_rx.recv() else {
-                        return Ok(());
-                    };
-                    cursor.fill(&mut batch, &shared.limits);
-                    read_batch(shared, source, &mut batch)?;
-                    if full_tx.send(batch).is_err() {
-                        return Ok(());
-                    }
+        let reader = (|| -> Result<(), Failure> {
+            while !cursor.is_done() {
+                shared.check_cancelled().map_err(on(Side::Source))?;
+                // The writer gone means it failed; its error comes from join.
+                let Ok(batch) = free_rx.recv() else {
+                    return Ok(());
+                };
+                cursor.fill(batch, &shared.limits);
+                read_batch(shared, source, batch).map_err(on(Side::Source))?;
+                if full_tx.send(batch).is_err() {
+                    return Ok(());
                 }
             }
             Ok(())
         })();
         drop(full_tx);
-        if let Err(err) = reader {
-            shared.fail(err);
-        }
-        match writer.join() {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(err),
-            Err(_) => Err(Error::new(
-                ErrorKind::Io,
-                "internal error: writer thread panicked",
-            )),
-        }
+        let written = match writer.join() {
+            Ok(r) => r,
+            Err(_) => Err(Failure {
+                side: Side::Destination,
+                error: Error::new(ErrorKind::Io, "internal error: writer thread panicked"),
+            }),
+        };
+        // A source failure is the cause when both fail: the writer then
+        // only saw the ring close.
+        reader.and(written)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::copy::{CopyOptions, copy_endpoints};
+    use crate::endpoint::Capabilities;
+
+    /// An in-memory disk whose handles can be told to fail their next
+    /// reads or writes as a dropped connection would.
+    struct Flaky {
+        data: Arc<Mutex<Vec<u8>>>,
+        fail_reads: Arc<AtomicU32>,
+        fail_writes: Arc<AtomicU32>,
+        reconnects: Arc<AtomicU32>,
+        reconnectable: bool,
+    }
+
+    impl Flaky {
+        fn new(data: Vec<u8>, reconnectable: bool) -> Flaky {
+            Flaky {
+                data: Arc::new(Mutex::new(data)),
+                fail_reads: Arc::default(),
+                fail_writes: Arc::default(),
+                reconnects: Arc::default(),
+                reconnectable,
+            }
+        }
+
+        fn handle(&self) -> Flaky {
+            Flaky {
+                data: self.data.clone(),
+                fail_reads: self.fail_reads.clone(),
+                fail_writes: self.fail_writes.clone(),
+                reconnects: self.reconnects.clone(),
+                reconnectable: self.reconnectable,
+            }
+        }
+
+        fn dropped(counter: &AtomicU32) -> Result<()> {
+            let left = counter.load(Ordering::SeqCst);
+            if left > 0 {
+                counter.store(left - 1, Ordering::SeqCst);
+                return Err(Error::io(
+                    "flaky",
+                    "read",
+                    std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+                ));
+            }
+            Ok(())
+        }
+    }
+
+    impl Endpoint for Flaky {
+        fn name(&self) -> &str {
+            "flaky"
+        }
+        fn size(&self) -> Option<u64> {
+            Some(self.data.lock().unwrap().len() as u64)
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                flush: true,
+                ..Capabilities::default()
+            }
+        }
+        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+            Flaky::dropped(&self.fail_reads)?;
+            let d = self.data.lock().unwrap();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
+            Flaky::dropped(&self.fail_writes)?;
+            let mut d = self.data.lock().unwrap();
+            d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn zero(&mut self, offset: u64, length: u64, _: bool) -> Result<()> {
+            Flaky::dropped(&self.fail_writes)?;
+            let mut d = self.data.lock().unwrap();
+            d[offset as usize..(offset + length) as usize].fill(0);
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn connect_another(&self) -> Result<Option<Box<dyn Endpoint>>> {
+            Ok(Some(Box::new(self.handle())))
+        }
+        fn can_reconnect(&self) -> bool {
+            self.reconnectable
+        }
+        fn reconnect(&mut self) -> Result<()> {
+            self.reconnects.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8 + 1).collect()
+    }
+
+    fn options(retries: u32) -> CopyOptions {
+        CopyOptions {
+            retries,
+            segment_size: 1 << 20,
+            request_size: 64 * 1024,
+            queue_size: 256 * 1024,
+            ..CopyOptions::default()
+        }
+    }
+
+    #[test]
+    fn dropped_connections_are_retried_and_the_copy_is_exact() {
+        let src = Flaky::new(pattern(5 << 20), true);
+        let dst = Flaky::new(vec![0xee; 5 << 20], true);
+        src.fail_reads.store(2, Ordering::SeqCst);
+        dst.fail_writes.store(2, Ordering::SeqCst);
+        let (src_data, dst_data) = (src.data.clone(), dst.data.clone());
+        let reconnects = (src.reconnects.clone(), dst.reconnects.clone());
+        let stats = copy_endpoints(Box::new(src), Box::new(dst), &options(5)).unwrap();
+        assert_eq!(stats.bytes, 5 << 20);
+        assert!(*src_data.lock().unwrap() == *dst_data.lock().unwrap());
+        assert_eq!(reconnects.0.load(Ordering::SeqCst), 2);
+        assert_eq!(reconnects.1.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn without_retries_a_dropped_connection_fails_the_copy() {
+        let src = Flaky::new(pattern(2 << 20), true);
+        src.fail_reads.store(1, Ordering::SeqCst);
+        let dst = Flaky::new(vec![0; 2 << 20], true);
+        let err = copy_endpoints(Box::new(src), Box::new(dst), &options(0)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Io);
+    }
+
+    #[test]
+    fn endpoints_that_cannot_reconnect_fail_at_once() {
+        let src = Flaky::new(pattern(2 << 20), false);
+        src.fail_reads.store(1, Ordering::SeqCst);
+        let reconnects = src.reconnects.clone();
+        let dst = Flaky::new(vec![0; 2 << 20], true);
+        assert!(copy_endpoints(Box::new(src), Box::new(dst), &options(5)).is_err());
+        assert_eq!(reconnects.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn retries_give_up_when_the_failures_outlast_them() {
+        let src = Flaky::new(pattern(1 << 20), true);
+        src.fail_reads.store(100, Ordering::SeqCst);
+        let dst = Flaky::new(vec![0; 1 << 20], true);
+        let started = std::time::Instant::now();
+        let err = copy_endpoints(Box::new(src), Box::new(dst), &options(2)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Io);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff_delay(1), Duration::from_millis(100));
+        assert_eq!(backoff_delay(2), Duration::from_millis(200));
+        assert_eq!(backoff_delay(5), Duration::from_millis(1600));
+        assert_eq!(backoff_delay(6), Duration::from_millis(2000));
+        assert_eq!(backoff_delay(100), Duration::from_millis(2000));
+    }
 }

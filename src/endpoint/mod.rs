@@ -217,6 +217,21 @@ pub trait Endpoint: Send {
     /// a server refusing further connections).
     fn connect_another(&self) -> Result<Option<Box<dyn Endpoint>>>;
 
+    /// Whether [`Endpoint::reconnect`] can restore a lost connection.
+    fn can_reconnect(&self) -> bool {
+        false
+    }
+
+    /// Replace a failed connection with a new one to the same place, after
+    /// which requests may be sent again. Only for endpoints whose
+    /// [`Endpoint::can_reconnect`] is true.
+    fn reconnect(&mut self) -> Result<()> {
+        Err(
+            crate::Error::new(crate::ErrorKind::Unsupported, "cannot reconnect")
+                .with_endpoint(self.name()),
+        )
+    }
+
     /// Tell the destination the final size once a source of unknown size
     /// (a pipe) has ended. A file nbdcp created takes that size; endpoints
     /// of fixed size do nothing.

@@ -275,6 +275,30 @@ impl Endpoint for NbdEndpoint {
         }
     }
 
+    fn can_reconnect(&self) -> bool {
+        true
+    }
+
+    fn reconnect(&mut self) -> Result<()> {
+        let fresh = NbdEndpoint::connect(&self.name, &self.uri, &self.opts)?;
+        // A server that came back as something else must not be written
+        // to as if it were the same disk.
+        if fresh.client.size() != self.client.size() {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "the server came back with size {} instead of {}",
+                    fresh.client.size(),
+                    self.client.size()
+                ),
+            )
+            .with_endpoint(&self.name)
+            .with_operation("reconnect"));
+        }
+        self.client = fresh.client;
+        Ok(())
+    }
+
     fn close(&mut self) -> Result<()> {
         self.client
             .disconnect()
