@@ -11,8 +11,10 @@
 //! child registry. Killing the servers matters: a worker blocked in `recv`
 //! on a server socket would otherwise never look at the cancel flag; once
 //! its server is gone the socket reports end of file and the worker returns.
-//! A second signal means the user has lost patience: the children get
-//! SIGKILL and the process exits at once with status 128 + signal number.
+//! A second signal means the user has lost patience, and a copy that has
+//! not stopped within a grace period is blocked on a server that is not
+//! ours: either way the children get SIGKILL and the process exits at once
+//! with status 128 + signal number.
 //!
 //! Library users who do not call [`install`] handle signals themselves; the
 //! child registry is still kept (it costs nothing) but nothing acts on it.
@@ -159,6 +161,11 @@ pub fn install(cancel: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
+/// How long the copy has, after the first signal, to stop by itself. A
+/// worker blocked on a server that is not ours and does not answer never
+/// looks at the cancel flag; after this the process exits anyway.
+const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Body of the signal thread.
 fn collect(set: libc::sigset_t, cancel: Arc<AtomicBool>) {
     loop {
@@ -176,14 +183,31 @@ fn collect(set: libc::sigset_t, cancel: Arc<AtomicBool>) {
             log::debug!("received signal {signo}, cancelling");
             cancel.store(true, Ordering::SeqCst);
             signal_children(libc::SIGTERM);
-        } else {
-            signal_children(libc::SIGKILL);
-            let first = RECEIVED.load(Ordering::SeqCst);
-            // SAFETY: _exit is always safe to call; nothing is left that
-            // must be flushed once the user insists.
-            unsafe { libc::_exit(128 + first) };
+            // A second signal, or the grace period running out, ends the
+            // process; the copy finishing first ends it normally.
+            let timeout = libc::timespec {
+                tv_sec: GRACE.as_secs() as libc::time_t,
+                tv_nsec: 0,
+            };
+            // SAFETY: as for sigwait; a null info pointer is allowed.
+            unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
         }
+        exit_now();
     }
+}
+
+/// Kill and reap the servers, then exit with 128 + the first signal.
+fn exit_now() -> ! {
+    signal_children(libc::SIGKILL);
+    for pid in children().drain(..) {
+        let mut status = 0;
+        // SAFETY: the pid is our unreaped child; SIGKILL makes this quick.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+    }
+    let first = RECEIVED.load(Ordering::SeqCst);
+    // SAFETY: _exit is always safe to call; the copy was told to stop and
+    // did not, so nothing is left that must be flushed.
+    unsafe { libc::_exit(128 + first) }
 }
 
 #[cfg(test)]
