@@ -376,7 +376,8 @@ pub fn copy_endpoints(
         tracker,
     );
     shared.retries = options.retries;
-    shared.flush_segments = options.retries > 0 && dcaps.flush && handles[0].1.can_reconnect();
+    shared.flush_segments =
+        options.flush && options.retries > 0 && dcaps.flush && handles[0].1.can_reconnect();
     let workers = handles.len();
     std::thread::scope(|scope| {
         let running: Vec<_> = handles

@@ -393,7 +393,21 @@ impl Client {
         } else {
             e
         };
-        let e = Error::io(&self.name, op, e);
+        // Waiting for a reply, the request that waited longest is the one
+        // the user needs to hear about (offset and length included).
+        let oldest = if op == "reply" {
+            self.slots
+                .iter()
+                .filter(|s| s.busy)
+                .min_by_key(|s| s.cookie)
+                .map(|s| (s.op, s.offset, s.length))
+        } else {
+            None
+        };
+        let e = match oldest {
+            Some((op, offset, length)) => Error::io(&self.name, op, e).at(offset, length.into()),
+            None => Error::io(&self.name, op, e),
+        };
         self.kill(e)
     }
 

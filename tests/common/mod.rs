@@ -25,6 +25,8 @@
 // Each test binary uses a different part of the harness.
 #![allow(dead_code, unused_imports)]
 
+mod extra;
+pub use extra::*;
 mod image;
 mod nbdkit_log;
 mod server;
