@@ -34,6 +34,12 @@ use segments::DEFAULT_SEGMENT_SIZE;
 
 /// The largest request nbdcp ever sends, as NBD servers commonly allow.
 pub const MAX_REQUEST_SIZE: usize = 32 * 1024 * 1024;
+/// Most data in one batch. Measured on qcow2 -> qcow2 through qemu-nbd
+/// (2 cores shared with both servers): 2 MiB batches cost 0.34 s of CPU
+/// and 1.0 s wall for 2 GiB, 8 MiB batches 0.45 s and 1.6-3.8 s, because
+/// data received into a small batch is still in cache when it is sent on.
+/// `--queue-size` stays the upper bound.
+pub const BATCH_TARGET: usize = 2 * 1024 * 1024;
 /// Default `--retries`: with the back-off this gives a server about three
 /// seconds to come back.
 pub const DEFAULT_RETRIES: u32 = 5;
@@ -288,11 +294,12 @@ pub fn copy_endpoints(
     let align = smin.max(dmin).max(1);
     let chunk = options.request_size.next_multiple_of(align);
     let overlap = !options.synchronous;
-    let batch_bytes = if overlap {
+    let in_flight = if overlap {
         options.queue_size / 2
     } else {
         options.queue_size
     };
+    let batch_bytes = in_flight.min(BATCH_TARGET);
     let limits = Limits {
         chunk,
         requests: if options.synchronous {
