@@ -366,12 +366,9 @@ pub fn copy_endpoints(
         log::info!("using {} connection(s) instead of {want}", handles.len());
     }
 
-    let (tx, rx) = crossbeam_channel::unbounded();
-    for segment in segments::plan(size, options.segment_size) {
-        // Cannot fail: the receiver is alive and the channel unbounded.
-        let _ = tx.send(segment);
-    }
-    drop(tx);
+    // A bounded queue fed as workers take from it: a source claiming 2^63
+    // bytes has 2^36 segments, far too many to queue up front.
+    let (tx, rx) = crossbeam_channel::bounded(2 * handles.len());
 
     let tracker = Tracker::new(Some(size), options.progress.clone());
     let mut shared = worker::Shared::new(
@@ -387,14 +384,25 @@ pub fn copy_endpoints(
         options.flush && options.retries > 0 && dcaps.flush && handles[0].1.can_reconnect();
     let workers = handles.len();
     std::thread::scope(|scope| {
+        let cancel = &options.cancel;
+        let segment_size = options.segment_size;
+        scope.spawn(move || {
+            for segment in segments::plan(size, segment_size) {
+                // Stops when the workers are gone (they hold the receivers).
+                if cancel.is_cancelled() || tx.send(segment).is_err() {
+                    break;
+                }
+            }
+        });
         let running: Vec<_> = handles
             .iter_mut()
             .map(|(s, d)| {
                 let shared = &shared;
-                let rx = &rx;
-                scope.spawn(move || worker::run(shared, s.as_mut(), d.as_mut(), rx))
+                let rx = rx.clone();
+                scope.spawn(move || worker::run(shared, s.as_mut(), d.as_mut(), &rx))
             })
             .collect();
+        drop(rx);
         for r in running {
             if r.join().is_err() {
                 shared.fail(Error::new(

@@ -372,6 +372,14 @@ impl Endpoint for FileEndpoint {
 
     fn resize_to(&mut self, size: u64) -> Result<()> {
         if self.kind == Kind::Regular && self.fresh {
+            if i64::try_from(size).is_err() {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("size {size} is too large for a file"),
+                )
+                .with_endpoint(&self.name)
+                .with_operation("resize"));
+            }
             self.file
                 .set_len(size)
                 .map_err(|e| Error::io(&self.name, "resize", e).at_offset(size))?;
