@@ -21,7 +21,6 @@ use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -38,6 +37,10 @@ const TERM_GRACE: Duration = Duration::from_secs(2);
 /// that the error can name the exit status instead of a bare "connection
 /// reset". Only spent on the error path.
 const EXIT_WAIT_ON_ERROR: Duration = Duration::from_secs(1);
+
+/// How long an operation that failed on a broken connection waits for
+/// the server to be reaped, so that the error can say how it ended.
+const DEATH_WAIT_ON_ERROR: Duration = Duration::from_millis(500);
 
 /// Interval of the bounded polls on `waitpid(WNOHANG)`.
 const POLL: Duration = Duration::from_millis(5);
@@ -512,9 +515,6 @@ struct Shared {
     uri: NbdUri,
     opts: NbdOptions,
     server: ServerProcess,
-    /// The server's death has been logged; every worker fails at once
-    /// when it dies, and one line is enough.
-    death_reported: AtomicBool,
 }
 
 /// One NBD connection to a server subprocess.
@@ -548,7 +548,6 @@ impl SubprocessEndpoint {
                 uri,
                 opts: opts.clone(),
                 server,
-                death_reported: AtomicBool::new(false),
             }),
         })
     }
@@ -558,24 +557,34 @@ impl SubprocessEndpoint {
         &self.shared.server
     }
 
-    /// Mention a dead server in the log when an operation fails: the
-    /// operation's own error ("connection reset") does not say why.
+    /// When an operation fails because the connection broke and the
+    /// server has died, say so in the error itself: "connection reset"
+    /// alone does not say why, and a separate log line would make two
+    /// lines of one failure.
     fn note<T>(&self, result: Result<T>) -> Result<T> {
+        let err = match result {
+            Ok(v) => return Ok(v),
+            Err(err) => err,
+        };
         // After SIGINT/SIGTERM nbdcp itself stopped the server: no news.
-        if result.is_err() && signals::received().is_none() {
-            // Not a let chain: the crate supports Rust 1.85.
-            let dead = self.shared.server.exit_status();
-            if let Some(how) = dead {
-                if !self.shared.death_reported.swap(true, Ordering::Relaxed) {
-                    log::error!(
-                        "{}: server command `{}` {how}",
-                        self.shared.name,
-                        self.shared.server.command()
-                    );
-                }
-            }
+        // A server error or protocol violation already says what it is.
+        if signals::received().is_some() || err.kind() != ErrorKind::Io {
+            return Err(err);
         }
-        result
+        // The connection breaks a moment before the dying server can be
+        // reaped; wait a little for it, on this error path only.
+        let Some(how) = self.shared.server.wait_exit(DEATH_WAIT_ON_ERROR) else {
+            return Err(err);
+        };
+        let text = err.to_string();
+        let prefix = format!("{}: ", self.shared.name);
+        let text = text.strip_prefix(&prefix).unwrap_or(&text);
+        let mut e = Error::new(ErrorKind::Io, format!("{text} (the server {how})"))
+            .with_endpoint(&self.shared.name);
+        if let Some(offset) = err.offset() {
+            e = e.at_offset(offset);
+        }
+        Err(e)
     }
 }
 

@@ -129,6 +129,9 @@ struct Slot {
     covered: Vec<(u32, u32)>,
     /// A block status chunk for our context arrived.
     got_status: bool,
+    /// Chunks that cover nothing (errors, other contexts' block status):
+    /// bounded, or a server could send them for ever.
+    idle_chunks: u32,
     error: Option<Error>,
 }
 
@@ -192,6 +195,13 @@ fn cover(ranges: &mut Vec<(u32, u32)>, start: u32, end: u32) -> bool {
         (false, false) => ranges.insert(i, (start, end)),
     }
     true
+}
+
+/// Most chunks that cover nothing (error chunks, block status for other
+/// contexts) one request may get: one per 512 bytes of the request, at
+/// least 64. A server has no reason to send more than a few.
+fn max_idle_chunks(length: u32) -> u32 {
+    (length / 512).max(64)
 }
 
 /// One NBD connection.
@@ -371,7 +381,14 @@ impl Client {
     /// hang up: after a framing error nothing more can be read safely.
     fn kill(&mut self, e: Error) -> Error {
         if self.dead.is_none() {
-            self.dead = Some((e.kind(), e.to_string()));
+            // Later errors name the endpoint themselves: keep the first
+            // one's text without it, so the name is not said twice.
+            let text = e.to_string();
+            let prefix = format!("{}: ", self.name);
+            let text = text
+                .strip_prefix(&prefix)
+                .map_or(text.clone(), str::to_string);
+            self.dead = Some((e.kind(), text));
             let _ = self.reader.get_ref().shutdown(Shutdown::Both);
         }
         for s in &mut self.slots {
@@ -463,6 +480,7 @@ impl Client {
         s.buf_start = buf_start;
         s.covered.clear();
         s.got_status = false;
+        s.idle_chunks = 0;
         s.error = None;
         self.in_flight += 1;
         Ok(())
@@ -528,8 +546,13 @@ impl Client {
         if !said.is_empty() {
             msg.push_str(&format!(" (server said: {said})"));
         }
-        self.error(ErrorKind::Server, s.op, msg)
-            .at(s.offset, s.length.into())
+        let e = self.error(ErrorKind::Server, s.op, msg);
+        // A flush has no range: "flush at offset 0 length 0" would mislead.
+        if s.command == NBD_CMD_FLUSH {
+            e
+        } else {
+            e.at(s.offset, s.length.into())
+        }
     }
 
     /// Remember the first error of a request.
@@ -671,8 +694,26 @@ impl Client {
     }
 
     fn chunk<R: ReadRequest>(&mut self, si: usize, c: &ChunkHeader, reads: &mut [R]) -> Result<()> {
-        let s = &self.slots[si];
+        let s = &mut self.slots[si];
         let (op, command, target, start) = (s.op, s.command, s.target, s.buf_start);
+        // Data and hole chunks may not overlap, so there can only be so
+        // many; the others are counted and bounded here.
+        let covers = matches!(
+            c.chunk_type,
+            NBD_REPLY_TYPE_OFFSET_DATA | NBD_REPLY_TYPE_OFFSET_HOLE
+        );
+        if !covers {
+            s.idle_chunks += 1;
+            if s.idle_chunks > max_idle_chunks(s.length) {
+                return Err(self.protocol(
+                    op,
+                    format!(
+                        "server sent more than {} error or unrequested chunks for one request",
+                        max_idle_chunks(self.slots[si].length)
+                    ),
+                ));
+            }
+        }
         match c.chunk_type {
             NBD_REPLY_TYPE_NONE => {
                 if !c.is_done() {
@@ -741,7 +782,7 @@ impl Client {
                 };
                 if let Some(at) = ec.offset {
                     let s = &self.slots[si];
-                    if at < s.offset || at >= s.offset + u64::from(s.length) {
+                    if at < s.offset || at - s.offset >= u64::from(s.length) {
                         let msg = format!(
                             "server reported an error at offset {at}, outside the request (offset {} length {})",
                             s.offset, s.length

@@ -30,10 +30,18 @@ pub struct Negotiated {
 
 const OP: &str = "handshake";
 
+/// Most bytes a server may send during the handshake. A real one sends a
+/// few hundred; the bound stops a server that sends valid replies for ever
+/// (informational replies to `NBD_OPT_GO`, say) from keeping nbdcp busy
+/// for ever, which no timeout would catch.
+pub const MAX_HANDSHAKE_BYTES: usize = 1024 * 1024;
+
 struct Negotiator<'a, S> {
     stream: &'a mut S,
     name: &'a str,
     export: &'a str,
+    /// Bytes read from the server so far.
+    received: usize,
 }
 
 /// Show the first bytes a non-NBD peer sent, as text when printable: it is
@@ -75,6 +83,13 @@ impl<S: Read + Write> Negotiator<'_, S> {
     }
 
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.received = self.received.saturating_add(buf.len());
+        if self.received > MAX_HANDSHAKE_BYTES {
+            return Err(self.proto(format!(
+                "server sent more than {} KiB during the handshake",
+                MAX_HANDSHAKE_BYTES / 1024
+            )));
+        }
         self.stream.read_exact(buf).map_err(|e| self.io(e))
     }
 
@@ -398,6 +413,7 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, export: &str, name: &str) -> R
         stream,
         name,
         export,
+        received: 0,
     };
     let no_zeroes = n.greeting()?;
     let structured_replies = n.structured_replies()?;
@@ -903,5 +919,33 @@ pub(crate) mod tests {
         .unwrap();
         assert!(n.structured_replies);
         assert_eq!(n.base_allocation, None);
+    }
+
+    #[test]
+    fn endless_option_replies_are_cut_off() {
+        let e = run("x", |mut p| {
+            p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+            p.client_flags();
+            let (opt, _) = p.option();
+            p.reply(opt, NBD_REP_ERR_UNSUP, &[]);
+            let (opt, _) = p.option();
+            assert_eq!(opt, NBD_OPT_GO);
+            // Valid informational replies, for ever (until the client
+            // hangs up).
+            let info = Info::Other(0x7777).encode();
+            let h = OptionReplyHeader {
+                option: opt,
+                reply_type: NBD_REP_INFO,
+                length: info.len() as u32,
+            };
+            loop {
+                if p.0.write_all(&h.encode()).is_err() || p.0.write_all(&info).is_err() {
+                    break;
+                }
+            }
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(e.to_string().contains("during the handshake"), "{e}");
     }
 }

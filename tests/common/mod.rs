@@ -27,6 +27,8 @@
 
 mod extra;
 pub use extra::*;
+mod faults;
+pub use faults::*;
 mod image;
 mod nbdkit_log;
 mod server;

@@ -598,3 +598,86 @@ fn structured_reply_without_negotiation_is_refused() {
     assert!(e.to_string().contains("without negotiating"), "{e}");
     server.join().unwrap();
 }
+
+#[test]
+fn endless_error_chunks_are_cut_off() {
+    let (c, s) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let mut p = Peer(s);
+        p.serve_go("", 65536, NBD_FLAG_HAS_FLAGS, Some(1));
+        let mut h = [0u8; REQUEST_HEADER_LEN];
+        p.0.read_exact(&mut h).unwrap();
+        let r = Request::decode(&h).unwrap();
+        let (chunk_type, payload) = ErrorChunk {
+            error: NBD_EIO,
+            message: "again".into(),
+            offset: None,
+        }
+        .encode();
+        let c = ChunkHeader {
+            flags: 0,
+            chunk_type,
+            cookie: r.cookie,
+            length: payload.len() as u32,
+        };
+        // Error chunks that never say DONE, until the client hangs up.
+        loop {
+            if p.0.write_all(&c.encode()).is_err() || p.0.write_all(&payload).is_err() {
+                break;
+            }
+        }
+    });
+    let mut client = Client::handshake(Transport::from_unix(c), "", "t").unwrap();
+    let mut b = vec![0u8; 512];
+    let e = client
+        .read_many(&mut [(0u64, b.as_mut_slice())], 1, 1 << 20)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+    assert!(e.to_string().contains("more than 64 error"), "{e}");
+    assert!(client.is_dead());
+    drop(client);
+    server.join().unwrap();
+}
+
+/// Found with the `replies` fuzz target's end-of-range case (seeds
+/// `end_of_range_errors_*`): an error chunk with an offset, for a request
+/// that ends exactly at 2^64, overflowed computing the end of the request
+/// (a panic in debug builds).
+#[test]
+fn error_offset_at_end_of_offset_range() {
+    let (c, s) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let mut p = Peer(s);
+        p.serve_go("", 65536, NBD_FLAG_HAS_FLAGS, Some(1));
+        let mut h = [0u8; REQUEST_HEADER_LEN];
+        p.0.read_exact(&mut h).unwrap();
+        let r = Request::decode(&h).unwrap();
+        for (at, done) in [(r.offset, 0), (u64::MAX, NBD_REPLY_FLAG_DONE)] {
+            let (chunk_type, payload) = ErrorChunk {
+                error: NBD_EIO,
+                message: "bad".into(),
+                offset: Some(at),
+            }
+            .encode();
+            let c = ChunkHeader {
+                flags: done,
+                chunk_type,
+                cookie: r.cookie,
+                length: payload.len() as u32,
+            };
+            p.0.write_all(&c.encode()).unwrap();
+            p.0.write_all(&payload).unwrap();
+        }
+    });
+    let mut client = Client::handshake(Transport::from_unix(c), "", "t").unwrap();
+    let mut b = vec![0u8; 512];
+    let at = u64::MAX - 511;
+    let e = client
+        .read_many(&mut [(at, b.as_mut_slice())], 1, 1 << 20)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Server, "{e}");
+    assert!(e.to_string().contains(&format!("at offset {at}")), "{e}");
+    assert!(!client.is_dead());
+    drop(client);
+    server.join().unwrap();
+}

@@ -1,0 +1,1048 @@
+//! Peers that are not NBD servers, or that break the protocol in one way
+//! each, built as small scripted servers in this process (see
+//! `common::Peer`). Every one must make nbdcp end cleanly: status 1, one
+//! `nbdcp: ` line naming the peer's URI and what was wrong, no panic text,
+//! within the hang deadline, with bounded memory, and nothing left
+//! running. Peers that claim huge sizes or lengths check the memory bound
+//! in particular.
+
+mod common;
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use common::nbd::*;
+use common::*;
+
+const MIB: u64 = 1024 * 1024;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Run `nbdcp -C 1 --retries 0 ARGS PEER null:` and check it failed
+/// cleanly, naming the peer and every string in `expect`; returns the
+/// error line.
+fn fails_against(peer: &Peer, args: &[&str], expect: &[&str]) -> String {
+    let uri = peer.uri();
+    let mut all = vec!["-C", "1", "--retries", "0"];
+    all.extend_from_slice(args);
+    all.extend([uri.as_str(), "null:"]);
+    let run = run_watched(&all);
+    let line = run.assert_clean_failure(&uri, true).to_string();
+    for e in expect {
+        assert!(line.contains(e), "expected {e:?} in the error line: {line}");
+    }
+    assert_nothing_mentions(peer.dir());
+    line
+}
+
+/// What nbdcp may say when a peer hangs up: end of file, or, when it was
+/// still sending, a reset or a broken pipe. Each is a clear description.
+fn assert_hangup(line: &str) {
+    assert!(
+        [
+            "closed the connection",
+            "Connection reset by peer",
+            "Broken pipe"
+        ]
+        .iter()
+        .any(|m| line.contains(m)),
+        "expected a hang-up in: {line}"
+    );
+}
+
+/// A hook that answers everything normally.
+fn well_behaved(_: &mut std::os::unix::net::UnixStream, _: &Req, _: usize) -> io::Result<Hook> {
+    Ok(Hook::Pass)
+}
+
+/// A hook that lets `f` answer the first read and passes everything else.
+fn on_first_read(
+    f: impl Fn(&mut std::os::unix::net::UnixStream, &Req) -> io::Result<Hook> + Send + Sync + 'static,
+) -> impl Fn(&mut std::os::unix::net::UnixStream, &Req, usize) -> io::Result<Hook> + Send + Sync + 'static
+{
+    let done = std::sync::atomic::AtomicBool::new(false);
+    move |s, r, _| {
+        if r.command == CMD_READ && !done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            f(s, r)
+        } else {
+            Ok(Hook::Pass)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// Controls: the scripted peer itself is a working server
+// ---------------------------------------------------------------------
+
+#[test]
+fn control_well_behaved_peer_copies_correctly() {
+    let d = fault_dir();
+    for export in [
+        Export::new(3 * MIB + 512),
+        Export::new(3 * MIB + 512).simple(),
+    ] {
+        let peer = Peer::nbd(export.clone(), well_behaved);
+        let out = d.path().join("out.img");
+        let run = run_watched(&["-C", "2", &peer.uri(), s(&out)]);
+        run.assert_success();
+        run.assert_memory_bounded();
+        assert_file_is(&out, &pattern_bytes(export.size));
+        // And as a destination (it drops what it is sent).
+        let run = run_watched(&["-C", "2", s(&out), &peer.uri()]);
+        run.assert_success();
+    }
+}
+
+/// Block status that describes only the first 4 KiB of each request is
+/// legal: nbdcp must ask again (or read) for the rest, and the copy must
+/// be exact.
+#[test]
+fn control_short_block_status_replies_are_completed() {
+    let d = fault_dir();
+    let size = 2 * MIB;
+    let peer = Peer::nbd(Export::new(size), |s, r, _| {
+        if r.command == CMD_BLOCK_STATUS {
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS,
+                &block_status_payload(&[(4096.min(r.length), 0)]),
+            )?;
+            return Ok(Hook::Done);
+        }
+        Ok(Hook::Pass)
+    });
+    let out = d.path().join("out.img");
+    let run = run_watched(&["-C", "1", &peer.uri(), s(&out)]);
+    run.assert_success();
+    assert_file_is(&out, &pattern_bytes(size));
+}
+
+// ---------------------------------------------------------------------
+// Not an NBD server at all
+// ---------------------------------------------------------------------
+
+#[test]
+fn peer_closes_at_once() {
+    let peer = Peer::start(|_, _| Ok(()));
+    fails_against(&peer, &[], &["handshake", "closed the connection"]);
+}
+
+#[test]
+fn peer_closes_after_the_greeting() {
+    let peer = Peer::start(|s, _| greet(s));
+    assert_hangup(&fails_against(&peer, &[], &["handshake"]));
+}
+
+#[test]
+fn peer_closes_in_the_middle_of_the_greeting() {
+    let peer = Peer::start(|s, _| s.write_all(b"NBDMAGIC\x49\x48"));
+    fails_against(&peer, &[], &["handshake"]);
+}
+
+#[test]
+fn peer_sends_random_bytes() {
+    let peer = Peer::start(|s, _| {
+        s.write_all(&random_bytes(7, 64 * 1024))?;
+        drain(s);
+        Ok(())
+    });
+    fails_against(&peer, &[], &["handshake", "not an NBD server"]);
+}
+
+#[test]
+fn peer_sends_bad_magic() {
+    let peer = Peer::start(|s, _| {
+        s.write_all(b"NBDMAGIX\x49\x48\x41\x56\x45\x4f\x50\x54\x00\x03")?;
+        drain(s);
+        Ok(())
+    });
+    fails_against(&peer, &[], &["handshake", "bad magic"]);
+    let peer = Peer::start(|s, _| {
+        s.write_all(b"NBDMAGICNOTNBD!!\x00\x03")?;
+        drain(s);
+        Ok(())
+    });
+    fails_against(&peer, &[], &["handshake", "bad magic"]);
+}
+
+#[test]
+fn peer_is_an_http_server() {
+    let peer = Peer::start(|s, _| {
+        s.write_all(
+            b"HTTP/1.1 400 Bad Request\r\nServer: nginx\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+    });
+    fails_against(&peer, &[], &["not an NBD server", "HTTP/1.1"]);
+}
+
+#[test]
+fn peer_is_an_ssh_server_that_waits() {
+    // Sends its banner and then waits for the client, as sshd does.
+    let peer = Peer::start(|s, _| {
+        s.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")?;
+        drain(s);
+        Ok(())
+    });
+    fails_against(&peer, &[], &["not an NBD server", "SSH-2.0-"]);
+}
+
+#[test]
+fn oldstyle_server_is_refused_clearly() {
+    let peer = Peer::start(|s, _| {
+        let mut g = b"NBDMAGIC".to_vec();
+        g.extend_from_slice(&0x0000_4202_8186_1253_u64.to_be_bytes());
+        g.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        g.extend_from_slice(&[0u8; 4 + 124]);
+        s.write_all(&g)?;
+        drain(s);
+        Ok(())
+    });
+    fails_against(&peer, &[], &["oldstyle"]);
+}
+
+// ---------------------------------------------------------------------
+// Broken handshakes
+// ---------------------------------------------------------------------
+
+/// The option reply to `victim` claims `0xffffffff` bytes of data (and
+/// then sends a few): nbdcp must refuse the length, not allocate 4 GiB.
+fn oversized_option_reply(victim: u32) -> Peer {
+    Peer::start(move |s, _| {
+        greet(s)?;
+        loop {
+            let (opt, _) = read_option(s)?;
+            if opt == victim {
+                option_reply_raw(s, opt, REP_INFO, u32::MAX, &[0u8; 1024])?;
+                drain(s);
+                return Ok(());
+            }
+            match opt {
+                OPT_STRUCTURED_REPLY => option_reply(s, opt, REP_ACK, &[])?,
+                OPT_SET_META_CONTEXT => option_reply(s, opt, REP_ACK, &[])?,
+                _ => option_reply(s, opt, REP_ERR_UNSUP, &[])?,
+            }
+        }
+    })
+}
+
+#[test]
+fn oversized_option_reply_lengths_are_refused() {
+    for victim in [OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT, OPT_GO] {
+        let peer = oversized_option_reply(victim);
+        fails_against(&peer, &[], &["handshake", "too long"]);
+    }
+}
+
+#[test]
+fn reply_to_the_wrong_option_is_refused() {
+    let peer = Peer::start(|s, _| {
+        greet(s)?;
+        let (opt, _) = read_option(s)?;
+        option_reply(s, opt + 1, REP_ACK, &[])?;
+        drain(s);
+        Ok(())
+    });
+    fails_against(&peer, &[], &["handshake"]);
+}
+
+#[test]
+fn go_without_export_info_is_refused() {
+    let peer = Peer::start(|s, _| {
+        greet(s)?;
+        loop {
+            let (opt, _) = read_option(s)?;
+            if opt == OPT_GO {
+                option_reply(s, opt, REP_ACK, &[])?;
+                drain(s);
+                return Ok(());
+            }
+            option_reply(s, opt, REP_ERR_UNSUP, &[])?;
+        }
+    });
+    fails_against(&peer, &[], &["handshake", "NBD_INFO_EXPORT"]);
+}
+
+/// A peer that answers NBD_OPT_GO with informational replies for ever
+/// (each one valid on its own): nbdcp must give up, not spin for ever.
+#[test]
+fn endless_option_replies_end_in_an_error() {
+    let peer = Peer::start(|s, _| {
+        greet(s)?;
+        loop {
+            let (opt, _) = read_option(s)?;
+            if opt == OPT_GO {
+                // An unknown NBD_INFO type, 2 bytes of type and nothing else.
+                let info = 0x7777u16.to_be_bytes();
+                loop {
+                    option_reply(s, opt, REP_INFO, &info)?;
+                }
+            }
+            option_reply(s, opt, REP_ERR_UNSUP, &[])?;
+        }
+    });
+    fails_against(&peer, &[], &["handshake"]);
+}
+
+// ---------------------------------------------------------------------
+// Broken replies in transmission
+// ---------------------------------------------------------------------
+
+#[test]
+fn reply_with_an_unknown_cookie() {
+    for export in [Export::new(MIB), Export::new(MIB).simple()] {
+        let structured = export.structured;
+        let peer = Peer::nbd(
+            export,
+            on_first_read(move |s, r| {
+                let bad = r.cookie.wrapping_add(0x1000_0000);
+                if structured {
+                    chunk(s, bad, REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[])?;
+                } else {
+                    simple_reply(s, bad, 0, &pattern_at(r.offset, r.length as usize))?;
+                }
+                drain(s);
+                Ok(Hook::Done)
+            }),
+        );
+        fails_against(&peer, &[], &["unknown cookie"]);
+    }
+}
+
+#[test]
+fn random_bytes_instead_of_a_reply() {
+    let peer = Peer::nbd(
+        Export::new(MIB),
+        on_first_read(|s, _| {
+            s.write_all(&random_bytes(3, 4096))?;
+            drain(s);
+            Ok(Hook::Done)
+        }),
+    );
+    fails_against(&peer, &[], &["magic"]);
+}
+
+#[test]
+fn data_chunk_outside_the_request() {
+    // Just after the request, just before it, and far away.
+    for shift in [0i64, -1, 1 << 40] {
+        let peer = Peer::nbd(
+            Export::new(MIB),
+            on_first_read(move |s, r| {
+                let at = match shift {
+                    0 => r.offset + u64::from(r.length),
+                    -1 => r.offset.wrapping_sub(1),
+                    far => r.offset + far as u64,
+                };
+                chunk(
+                    s,
+                    r.cookie,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    &offset_data(at, &[0xa5; 4096]),
+                )?;
+                drain(s);
+                Ok(Hook::Done)
+            }),
+        );
+        // The first read is at offset 0 when `shift` is -1: then the chunk
+        // starts at u64::MAX, which must not overflow anything.
+        fails_against(&peer, &["--no-extents"], &["outside the request"]);
+    }
+}
+
+#[test]
+fn hole_chunk_claiming_4_gib() {
+    let peer = Peer::nbd(
+        Export::new(MIB),
+        on_first_read(|s, r| {
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_HOLE,
+                &offset_hole(r.offset, u32::MAX),
+            )?;
+            drain(s);
+            Ok(Hook::Done)
+        }),
+    );
+    fails_against(&peer, &[], &["outside the request"]);
+}
+
+#[test]
+fn overlapping_data_chunks() {
+    let peer = Peer::nbd(
+        Export::new(MIB),
+        on_first_read(|s, r| {
+            let data = pattern_at(r.offset, 8192);
+            chunk(
+                s,
+                r.cookie,
+                0,
+                REPLY_TYPE_OFFSET_DATA,
+                &offset_data(r.offset, &data),
+            )?;
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                &offset_data(r.offset + 4096, &data),
+            )?;
+            drain(s);
+            Ok(Hook::Done)
+        }),
+    );
+    fails_against(&peer, &[], &["overlapping"]);
+}
+
+#[test]
+fn short_structured_read_reply() {
+    let peer = Peer::nbd(
+        Export::new(MIB),
+        on_first_read(|s, r| {
+            let half = r.length as usize / 2;
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                &offset_data(r.offset, &pattern_at(r.offset, half)),
+            )?;
+            drain(s);
+            Ok(Hook::Done)
+        }),
+    );
+    fails_against(&peer, &[], &["short read reply"]);
+}
+
+/// A simple read reply whose data stops half way (the peer hangs up):
+/// a transport failure, so with the default retries nbdcp reconnects and
+/// tries again, meets the same peer each time, and gives up after the
+/// retries, well within the deadline.
+#[test]
+fn short_simple_read_reply_then_hang_up() {
+    let make = || {
+        Peer::nbd(Export::new(MIB).simple(), |s, r, _| {
+            if r.command == CMD_READ {
+                let data = pattern_at(r.offset, r.length as usize / 2);
+                simple_reply(s, r.cookie, 0, &data)?;
+                return Ok(Hook::Close);
+            }
+            Ok(Hook::Pass)
+        })
+    };
+    let peer = make();
+    assert_hangup(&fails_against(&peer, &[], &[]));
+
+    let peer = make();
+    let uri = peer.uri();
+    let run = run_watched(&["-C", "1", &uri, "null:"]);
+    assert_hangup(run.assert_clean_failure(&uri, false));
+    assert!(
+        run.stderr.contains("retry 5 of 5"),
+        "the default 5 retries should all be used:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.elapsed < Duration::from_secs(10),
+        "5 retries took {:?}",
+        run.elapsed
+    );
+    assert_eq!(
+        peer.connections(),
+        6,
+        "one connection and five reconnections"
+    );
+}
+
+#[test]
+fn peer_hangs_up_mid_reply_header() {
+    let peer = Peer::nbd(
+        Export::new(MIB),
+        on_first_read(|s, r| {
+            let mut m = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+            m.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+            m.extend_from_slice(&REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+            m.extend_from_slice(&r.cookie.to_be_bytes()[..5]);
+            s.write_all(&m)?;
+            Ok(Hook::Close)
+        }),
+    );
+    assert_hangup(&fails_against(&peer, &[], &[]));
+}
+
+#[test]
+fn structured_reply_without_negotiating_them() {
+    let peer = Peer::nbd(
+        Export::new(MIB).simple(),
+        on_first_read(|s, r| {
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                &offset_data(r.offset, &pattern_at(r.offset, r.length as usize)),
+            )?;
+            drain(s);
+            Ok(Hook::Done)
+        }),
+    );
+    fails_against(&peer, &[], &["structured reply"]);
+}
+
+/// A server error with an errno the protocol does not define is still a
+/// server error: reported once, clearly, and (being the server's answer,
+/// not a dropped connection) not retried, so even with the default
+/// retries there is exactly one line.
+#[test]
+fn error_chunk_with_a_bogus_errno() {
+    let peer = Peer::nbd(
+        Export::new(MIB),
+        on_first_read(|s, r| {
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                &error_payload(0xdead_beef, 5, b"bogus"),
+            )?;
+            Ok(Hook::Done)
+        }),
+    );
+    let uri = peer.uri();
+    let run = run_watched(&["-C", "1", &uri, "null:"]);
+    let line = run.assert_clean_failure(&uri, true);
+    assert!(
+        line.contains(&format!("{uri}: read at offset ")) && line.contains("Unknown error"),
+        "{line}"
+    );
+    assert!(
+        line.contains("bogus"),
+        "the server's message should be kept: {line}"
+    );
+    assert_eq!(peer.connections(), 1, "a server error must not be retried");
+}
+
+#[test]
+fn simple_reply_with_a_bogus_errno() {
+    let peer = Peer::nbd(
+        Export::new(MIB).simple(),
+        on_first_read(|s, r| {
+            simple_reply(s, r.cookie, 0x7fff_ffff, &[])?;
+            Ok(Hook::Done)
+        }),
+    );
+    fails_against(&peer, &[], &["read at offset", "Unknown error"]);
+}
+
+#[test]
+fn error_chunk_with_errno_zero_or_a_lying_message_length() {
+    let peer = Peer::nbd(
+        Export::new(MIB),
+        on_first_read(|s, r| {
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                &error_payload(0, 0, b""),
+            )?;
+            drain(s);
+            Ok(Hook::Done)
+        }),
+    );
+    fails_against(&peer, &[], &["error value is zero"]);
+
+    let peer = Peer::nbd(
+        Export::new(MIB),
+        on_first_read(|s, r| {
+            // Claims a 65535-byte message in a 10-byte payload.
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                &error_payload(EIO, u16::MAX, b"oops"),
+            )?;
+            drain(s);
+            Ok(Hook::Done)
+        }),
+    );
+    fails_against(&peer, &[], &["message length"]);
+}
+
+#[test]
+fn error_offset_outside_the_request() {
+    let peer = Peer::nbd(
+        Export::new(MIB),
+        on_first_read(|s, r| {
+            let mut p = error_payload(EIO, 0, b"");
+            p.extend_from_slice(&(r.offset + u64::from(r.length) + 4096).to_be_bytes());
+            chunk(s, r.cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, &p)?;
+            drain(s);
+            Ok(Hook::Done)
+        }),
+    );
+    fails_against(&peer, &[], &["outside the request"]);
+}
+
+/// A peer whose read reply goes on for ever with error chunks that never
+/// say DONE: nbdcp must not spin on it for ever.
+#[test]
+fn endless_error_chunks_end_in_an_error() {
+    let peer = Peer::nbd(
+        Export::new(MIB),
+        on_first_read(|s, r| {
+            loop {
+                chunk(
+                    s,
+                    r.cookie,
+                    0,
+                    REPLY_TYPE_ERROR,
+                    &error_payload(EIO, 4, b"more"),
+                )?;
+            }
+        }),
+    );
+    fails_against(&peer, &[], &["read"]);
+}
+
+// ---------------------------------------------------------------------
+// Broken block status
+// ---------------------------------------------------------------------
+
+fn bad_block_status(extents: Vec<(u32, u32)>, grow_last: bool) -> Peer {
+    Peer::nbd(Export::new(4 * MIB), move |s, r, _| {
+        if r.command != CMD_BLOCK_STATUS {
+            return Ok(Hook::Pass);
+        }
+        let mut e = extents.clone();
+        if grow_last {
+            // Cover the request, then describe one more extent beyond it.
+            e.insert(0, (r.length, 0));
+        }
+        chunk(
+            s,
+            r.cookie,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            &block_status_payload(&e),
+        )?;
+        Ok(Hook::Done)
+    })
+}
+
+#[test]
+fn block_status_with_a_zero_length_extent() {
+    let peer = bad_block_status(vec![(0, 0)], false);
+    let uri = peer.uri();
+    let run = run_watched(&["-C", "1", "--retries", "0", &uri, "null:"]);
+    let line = run.assert_clean_failure(&uri, false);
+    assert!(line.contains("zero-length extent"), "{line}");
+    assert_eq!(line.matches(&uri).count(), 1, "name the peer once: {line}");
+    assert_nothing_mentions(peer.dir());
+}
+
+#[test]
+fn block_status_with_extents_beyond_the_request() {
+    let peer = bad_block_status(vec![(4096, 0)], true);
+    let uri = peer.uri();
+    let run = run_watched(&["-C", "1", "--retries", "0", &uri, "null:"]);
+    let line = run.assert_clean_failure(&uri, false);
+    assert!(line.contains("beyond the end"), "{line}");
+}
+
+#[test]
+fn block_status_for_a_read_and_data_for_block_status() {
+    // Data where extents were asked for.
+    let peer = Peer::nbd(Export::new(MIB), |s, r, _| {
+        if r.command == CMD_BLOCK_STATUS {
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                &offset_data(r.offset, &[1; 512]),
+            )?;
+            drain(s);
+            return Ok(Hook::Done);
+        }
+        Ok(Hook::Pass)
+    });
+    let uri = peer.uri();
+    let run = run_watched(&["-C", "1", "--retries", "0", &uri, "null:"]);
+    let line = run.assert_clean_failure(&uri, false);
+    assert!(line.contains("read chunk"), "{line}");
+
+    // Extents where data was asked for.
+    let peer = Peer::nbd(
+        Export::new(MIB),
+        on_first_read(|s, r| {
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS,
+                &block_status_payload(&[(r.length, 0)]),
+            )?;
+            drain(s);
+            Ok(Hook::Done)
+        }),
+    );
+    fails_against(&peer, &[], &["block status in reply to NBD_CMD_READ"]);
+}
+
+// ---------------------------------------------------------------------
+// Huge claims: memory must stay bounded
+// ---------------------------------------------------------------------
+
+/// An export that claims `size` bytes and answers every read with EIO.
+fn huge_export(size: u64) -> Peer {
+    Peer::nbd(Export::new(size), |s, r, _| {
+        if r.command == CMD_READ {
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                &error_payload(EIO, 4, b"nope"),
+            )?;
+            return Ok(Hook::Done);
+        }
+        Ok(Hook::Pass)
+    })
+}
+
+/// An export of 2^63 bytes (and of 2^64 - 1) copied to `null:`: nbdcp
+/// must start copying with bounded memory and fail at the first read.
+#[test]
+fn export_size_2_pow_63_to_null() {
+    for size in [1u64 << 63, u64::MAX] {
+        let peer = huge_export(size);
+        fails_against(&peer, &[], &["read at offset", "Input/output error"]);
+    }
+}
+
+/// The same exports to a file: no file can be that large (nor 1 PiB, on
+/// the file systems tests run on), which must be a clean error naming the
+/// file and the size, before anything is read.
+#[test]
+fn huge_export_sizes_to_a_file() {
+    let d = fault_dir();
+    let out = d.path().join("out.img");
+    for size in [1u64 << 63, u64::MAX, 1 << 50] {
+        let peer = huge_export(size);
+        let uri = peer.uri();
+        let run = run_watched(&["-C", "1", "--retries", "0", &uri, s(&out)]);
+        let line = run.assert_clean_failure(s(&out), true);
+        assert!(line.contains(&size.to_string()), "name the size: {line}");
+    }
+}
+
+/// A destination that claims 2^63 bytes is simply large enough: the copy
+/// succeeds, and nothing is sized by the destination's claim.
+#[test]
+fn destination_claiming_2_pow_63_bytes() {
+    let d = fault_dir();
+    let src = d.path().join("src.img");
+    random_file(&src, 4 * MIB, 9);
+    let peer = Peer::nbd(Export::new(1 << 63), well_behaved);
+    let run = run_watched(&["-C", "2", s(&src), &peer.uri()]);
+    run.assert_success();
+    run.assert_memory_bounded();
+}
+
+#[test]
+fn data_chunk_claiming_4_gib() {
+    let peer = Peer::nbd(
+        Export::new(MIB),
+        on_first_read(|s, r| {
+            chunk_raw(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                u32::MAX,
+                &offset_data(r.offset, &[7u8; 4096]),
+            )?;
+            drain(s);
+            Ok(Hook::Done)
+        }),
+    );
+    fails_against(&peer, &[], &["too long"]);
+}
+
+#[test]
+fn block_status_and_error_chunks_claiming_4_gib() {
+    for ctype in [
+        REPLY_TYPE_BLOCK_STATUS,
+        REPLY_TYPE_ERROR,
+        REPLY_TYPE_NONE,
+        0x7fff,
+    ] {
+        let peer = Peer::nbd(Export::new(MIB), move |s, r, _| {
+            if r.command == CMD_BLOCK_STATUS || r.command == CMD_READ {
+                chunk_raw(s, r.cookie, REPLY_FLAG_DONE, ctype, u32::MAX, &[0u8; 4096])?;
+                drain(s);
+                return Ok(Hook::Done);
+            }
+            Ok(Hook::Pass)
+        });
+        let uri = peer.uri();
+        let run = run_watched(&["-C", "1", "--retries", "0", &uri, "null:"]);
+        run.assert_clean_failure(&uri, false);
+    }
+}
+
+/// One block status chunk with a million 1-byte extents (the most nbdcp
+/// accepts in a chunk, 8 MiB): legal, if silly; the copy must work and
+/// stay small.
+#[test]
+fn a_million_tiny_extents() {
+    let d = fault_dir();
+    let size = 2 * MIB;
+    let peer = Peer::nbd(Export::new(size), |s, r, _| {
+        if r.command == CMD_BLOCK_STATUS {
+            let n = (r.length as usize).min(1 << 20);
+            let extents: Vec<(u32, u32)> = vec![(1, 0); n];
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS,
+                &block_status_payload(&extents),
+            )?;
+            return Ok(Hook::Done);
+        }
+        Ok(Hook::Pass)
+    });
+    let out = d.path().join("out.img");
+    let run = run_watched(&["-C", "1", &peer.uri(), s(&out)]);
+    run.assert_success();
+    run.assert_memory_bounded();
+    assert_file_is(&out, &pattern_bytes(size));
+}
+
+/// Block size constraints at the edge of what is valid (64 KiB minimum,
+/// 2 GiB preferred, 4 GiB - 1 maximum) must not make nbdcp use huge
+/// buffers.
+#[test]
+fn huge_block_size_constraints_are_clamped() {
+    let d = fault_dir();
+    let size = 4 * MIB;
+    let mut export = Export::new(size);
+    export.block_size = Some((64 * 1024, 1 << 31, u32::MAX));
+    let peer = Peer::nbd(export, well_behaved);
+    let out = d.path().join("out.img");
+    let run = run_watched(&["-C", "1", &peer.uri(), s(&out)]);
+    run.assert_success();
+    run.assert_memory_bounded();
+    assert_file_is(&out, &pattern_bytes(size));
+}
+
+// ---------------------------------------------------------------------
+// Peers that stop answering
+// ---------------------------------------------------------------------
+
+#[test]
+fn stalled_read_with_timeout_fails_in_time() {
+    let peer = Peer::nbd(Export::new(MIB), on_first_read(|_, _| Ok(Hook::Stall)));
+    let uri = peer.uri();
+    let run = run_watched(&["-C", "1", "--timeout", "1", "--retries", "0", &uri, "null:"]);
+    let line = run.assert_clean_failure(&uri, true);
+    assert!(line.contains("timed out"), "{line}");
+    assert!(
+        run.elapsed < Duration::from_secs(4),
+        "took {:?}",
+        run.elapsed
+    );
+}
+
+/// With retries on, each reconnection meets the same stall: the copy must
+/// still fail, after the retries, in bounded time.
+#[test]
+fn stalled_peer_with_timeout_and_retries_gives_up() {
+    let peer = Peer::nbd(Export::new(MIB), |_, r, _| {
+        Ok(if r.command == CMD_READ {
+            Hook::Stall
+        } else {
+            Hook::Pass
+        })
+    });
+    let uri = peer.uri();
+    let run = run_watched(&["-C", "1", "--timeout", "1", "--retries", "2", &uri, "null:"]);
+    let line = run.assert_clean_failure(&uri, false);
+    assert!(line.contains("timed out"), "{line}");
+    assert!(
+        run.elapsed < Duration::from_secs(6),
+        "took {:?}",
+        run.elapsed
+    );
+    assert_eq!(
+        peer.connections(),
+        3,
+        "one connection and two reconnections"
+    );
+}
+
+#[test]
+fn stalled_handshake_with_timeout_fails_in_time() {
+    let peer = Peer::start(|s, _| {
+        greet(s)?;
+        drain(s);
+        Ok(())
+    });
+    let uri = peer.uri();
+    let run = run_watched(&["--timeout", "1", &uri, "null:"]);
+    let line = run.assert_clean_failure(&uri, true);
+    assert!(
+        line.contains("handshake") && line.contains("timed out"),
+        "{line}"
+    );
+    assert!(
+        run.elapsed < Duration::from_secs(4),
+        "took {:?}",
+        run.elapsed
+    );
+}
+
+/// No --timeout, the peer never answers a read, and the user presses
+/// Ctrl-C: nbdcp must still stop, with status 130, within seconds.
+#[test]
+fn sigint_while_a_peer_does_not_answer() {
+    let peer = Peer::nbd(Export::new(MIB), on_first_read(|_, _| Ok(Hook::Stall)));
+    let uri = peer.uri();
+    let mut run = Watched::spawn(&["-C", "1", &uri, "null:"]);
+    wait_until("nbdcp to connect", Duration::from_secs(10), || {
+        peer.connections() > 0
+    });
+    // Give it a moment to send the read the peer will never answer.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(run.is_running(), "nbdcp ended before the signal");
+    run.signal(libc::SIGINT);
+    let signalled = run.elapsed();
+    let done = run.wait(HANG_DEADLINE);
+    assert_eq!(done.code, Some(130), "stderr:\n{}", done.stderr);
+    assert!(
+        done.elapsed - signalled < Duration::from_secs(4),
+        "took {:?} after SIGINT",
+        done.elapsed - signalled
+    );
+    assert!(!done.stderr.contains("panicked"), "{}", done.stderr);
+}
+
+// ---------------------------------------------------------------------
+// Destination peers
+// ---------------------------------------------------------------------
+
+fn to_peer(peer: &Peer, size: u64, expect: &[&str]) {
+    let d = fault_dir();
+    let src = d.path().join("src.img");
+    random_file(&src, size, 5);
+    let uri = peer.uri();
+    let run = run_watched(&["-C", "1", "--retries", "0", s(&src), &uri]);
+    let line = run.assert_clean_failure(&uri, true);
+    for e in expect {
+        assert!(line.contains(e), "expected {e:?} in: {line}");
+    }
+}
+
+#[test]
+fn destination_write_reply_with_an_unknown_cookie() {
+    let peer = Peer::nbd(Export::new(MIB), |s, r, _| {
+        if r.command == CMD_WRITE {
+            simple_reply(s, r.cookie ^ 0xffff_0000, 0, &[])?;
+            drain(s);
+            return Ok(Hook::Done);
+        }
+        Ok(Hook::Pass)
+    });
+    to_peer(&peer, MIB, &["unknown cookie"]);
+}
+
+#[test]
+fn destination_write_answered_with_data() {
+    let peer = Peer::nbd(Export::new(MIB), |s, r, _| {
+        if r.command == CMD_WRITE {
+            chunk(
+                s,
+                r.cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                &offset_data(r.offset, &[0; 512]),
+            )?;
+            drain(s);
+            return Ok(Hook::Done);
+        }
+        Ok(Hook::Pass)
+    });
+    to_peer(&peer, MIB, &["read chunk in reply to NBD_CMD_WRITE"]);
+}
+
+#[test]
+fn destination_flush_fails() {
+    let peer = Peer::nbd(Export::new(MIB), |s, r, _| {
+        if r.command == CMD_FLUSH {
+            simple_reply(s, r.cookie, 28, &[])?; // ENOSPC
+            return Ok(Hook::Done);
+        }
+        Ok(Hook::Pass)
+    });
+    // A flush has no range to report.
+    to_peer(&peer, MIB, &["flush: No space left on device"]);
+}
+
+#[test]
+fn destination_closes_on_the_first_write() {
+    let peer = Peer::nbd(Export::new(MIB), |_, r, _| {
+        Ok(if r.command == CMD_WRITE {
+            Hook::Close
+        } else {
+            Hook::Pass
+        })
+    });
+    to_peer(&peer, MIB, &[]);
+}
+
+// ---------------------------------------------------------------------
+// Several connections
+// ---------------------------------------------------------------------
+
+/// Four workers on a 512 MiB export; the second connection breaks the
+/// protocol on its third read. Every worker must stop and there must be
+/// exactly one error line.
+#[test]
+fn one_broken_connection_of_four_stops_every_worker() {
+    let peer = Peer::start(|s, conn| {
+        let export = Export::new(512 * MIB).no_extents();
+        if !negotiate(s, &export)? {
+            return Ok(());
+        }
+        serve(s, &export, &|s: &mut std::os::unix::net::UnixStream,
+                            r: &Req,
+                            n| {
+            if conn == 2 && r.command == CMD_READ && n == 3 {
+                simple_reply(s, r.cookie.wrapping_add(999), 0, &[])?;
+                drain(s);
+                return Ok(Hook::Done);
+            }
+            Ok(Hook::Pass)
+        })
+    });
+    let uri = peer.uri();
+    let run = run_watched(&["-C", "4", "-T", "4", &uri, "null:"]);
+    let line = run.assert_clean_failure(&uri, true);
+    assert!(line.contains("unknown cookie"), "{line}");
+    assert_eq!(peer.connections(), 4);
+    assert!(
+        run.elapsed < Duration::from_secs(10),
+        "took {:?}",
+        run.elapsed
+    );
+}
