@@ -1267,6 +1267,9 @@ pub fn command_name(command: u16) -> &'static str {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
