@@ -40,6 +40,8 @@ pub const MAX_REQUEST_SIZE: usize = 32 * 1024 * 1024;
 /// data received into a small batch is still in cache when it is sent on.
 /// `--queue-size` stays the upper bound.
 pub const BATCH_TARGET: usize = 2 * 1024 * 1024;
+/// Most segments waiting in the queue at once.
+const MAX_QUEUED_SEGMENTS: u64 = 65536;
 /// Default `--retries`: with the back-off this gives a server about three
 /// seconds to come back.
 pub const DEFAULT_RETRIES: u32 = 5;
@@ -366,9 +368,12 @@ pub fn copy_endpoints(
         log::info!("using {} connection(s) instead of {want}", handles.len());
     }
 
-    // A bounded queue fed as workers take from it: a source claiming 2^63
-    // bytes has 2^36 segments, far too many to queue up front.
-    let (tx, rx) = crossbeam_channel::bounded(2 * handles.len());
+    // Up to 65536 segments (8 TiB) are queued at once, so the feeder thread
+    // normally fills the queue and ends without ever waiting; a source
+    // claiming 2^63 bytes (2^36 segments) is fed as workers take from it
+    // instead of costing gigabytes of queue.
+    let count = size.div_ceil(options.segment_size);
+    let (tx, rx) = crossbeam_channel::bounded(count.clamp(1, MAX_QUEUED_SEGMENTS) as usize);
 
     let tracker = Tracker::new(Some(size), options.progress.clone());
     let mut shared = worker::Shared::new(

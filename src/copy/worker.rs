@@ -298,8 +298,16 @@ fn copy_segment(
     ring: &mut [Batch; 2],
     done: &AtomicU64,
 ) -> Result<(), Failure> {
-    let mut cursor = Cursor::new(shared.extents_of(source, segment));
-    if !shared.overlap {
+    let extents = shared.extents_of(source, segment);
+    let data: u64 = extents
+        .iter()
+        .filter(|e| e.kind == crate::endpoint::ExtentKind::Data)
+        .map(|e| e.length)
+        .sum();
+    let mut cursor = Cursor::new(extents);
+    // Overlapping needs a second thread; a segment with at most one batch
+    // of data (most of a mostly empty disk) has nothing to overlap.
+    if !shared.overlap || data <= shared.limits.batch_bytes as u64 {
         let batch = &mut ring[0];
         while !cursor.is_done() {
             shared.check_cancelled().map_err(on(Side::Source))?;
