@@ -8,6 +8,7 @@ missing=()
 command -v nbdkit >/dev/null 2>&1 || missing+=(nbdkit)
 command -v nbd-server >/dev/null 2>&1 || missing+=(nbd-server)
 command -v qemu-nbd >/dev/null 2>&1 || missing+=(qemu-utils)
+command -v nbdcopy >/dev/null 2>&1 || missing+=(libnbd-bin)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v script >/dev/null 2>&1 || missing+=(bsdutils)
 
