@@ -301,7 +301,13 @@ pub fn copy_endpoints(
     } else {
         options.queue_size
     };
-    let batch_bytes = in_flight.min(BATCH_TARGET);
+    // Batches exist to keep requests in flight; local files and pipes take
+    // one request at a time, and a batch of one request stays in cache.
+    let batch_bytes = if scaps.pipelined || dcaps.pipelined {
+        in_flight.min(BATCH_TARGET)
+    } else {
+        chunk
+    };
     let limits = Limits {
         chunk,
         requests: if options.synchronous {

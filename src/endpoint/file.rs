@@ -290,6 +290,7 @@ impl Endpoint for FileEndpoint {
             extents: self.kind == Kind::Regular,
             starts_zeroed: self.fresh,
             multi_conn: true,
+            pipelined: false,
         }
     }
 

@@ -90,6 +90,9 @@ pub struct Capabilities {
     pub starts_zeroed: bool,
     /// The server says several connections see one another's writes.
     pub multi_conn: bool,
+    /// Several requests in flight at once go faster than one at a time
+    /// (a network server); batches are sized for it.
+    pub pipelined: bool,
 }
 
 /// One write-side operation, as the engine hands them to

@@ -137,6 +137,7 @@ impl Endpoint for NbdEndpoint {
             extents: self.client.has_base_allocation(),
             starts_zeroed: false,
             multi_conn: self.client.multi_conn(),
+            pipelined: true,
         }
     }
 
