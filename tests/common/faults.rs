@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{nbdcp, process_exists, processes_mentioning, require};
+use super::{nbdcp, process_exists, processes_mentioning, require, spawn_until_pidfile};
 
 /// A run still going after this long is a hang: killed, and the test fails.
 pub const HANG_DEADLINE: Duration = Duration::from_secs(20);
@@ -631,40 +631,8 @@ impl Daemon {
             .append(true)
             .open(self.outfile())
             .unwrap();
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {argv:?}: {e}"));
-        let end = Instant::now() + Duration::from_secs(10);
-        // Both programs write the pid file once they listen.
-        while std::fs::read_to_string(&pidfile)
-            .map(|s| s.trim().is_empty())
-            .unwrap_or(true)
-        {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "{argv:?} exited with {status} before listening:\n{}",
-                    self.output()
-                );
-            }
-            if Instant::now() > end {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{argv:?} not listening after 10 s");
-            }
-            std::thread::sleep(POLL);
-        }
+        let child = spawn_until_pidfile(&argv, out, libc::SIGKILL, &pidfile, || self.output())
+            .unwrap_or_else(|e| panic!("{e}"));
         self.child = Some(child);
     }
 

@@ -462,46 +462,10 @@ fn start_foreground(
     let pidfile = dir.path().join("server.pid");
     let stderr = dir.path().join("server.stderr");
     let out = std::fs::File::create(&stderr).unwrap();
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out);
-    // SAFETY: prctl is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start `{command}`: {e}"))?;
+    let child = spawn_until_pidfile(&argv, out, libc::SIGTERM, &pidfile, || {
+        std::fs::read_to_string(&stderr).unwrap_or_default()
+    })?;
     let pid = child.id();
-
-    // Both nbdkit and qemu-nbd write the pid file only once the socket is
-    // listening.
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if read_pid(&pidfile).is_some() {
-            break;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "`{command}` exited with {status} before it was ready:\n{}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            ));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "`{command}` not ready after {READY_TIMEOUT:?}:\n{}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            ));
-        }
-        std::thread::sleep(POLL);
-    }
     Ok(Server {
         kind,
         process: Process::Child(child),
@@ -513,6 +477,54 @@ fn start_foreground(
         stderr,
         command,
     })
+}
+
+/// Spawn `argv` with stdout and stderr to `out`, `death_signal` sent to it
+/// if this test dies, and wait until it writes `pidfile` (nbdkit and
+/// qemu-nbd both write it only once they listen). On failure the error
+/// carries `output()`, what the server said.
+pub fn spawn_until_pidfile(
+    argv: &[String],
+    out: std::fs::File,
+    death_signal: libc::c_int,
+    pidfile: &Path,
+    output: impl Fn() -> String,
+) -> Result<Child, String> {
+    let command = argv.join(" ");
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, death_signal);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start `{command}`: {e}"))?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while read_pid(pidfile).is_none() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "`{command}` exited with {status} before it was ready:\n{}",
+                output()
+            ));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "`{command}` not ready after {READY_TIMEOUT:?}:\n{}",
+                output()
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(child)
 }
 
 /// The pid in `path`, once the file exists and holds a whole number (the
