@@ -146,27 +146,15 @@ fn peer_closes_in_the_middle_of_the_greeting() {
 
 #[test]
 fn peer_sends_random_bytes() {
-    let peer = Peer::start(|s, _| {
-        s.write_all(&random_bytes(7, 64 * 1024))?;
-        drain(s);
-        Ok(())
-    });
+    let peer = Peer::sends_then_waits(random_bytes(7, 64 * 1024));
     fails_against(&peer, &[], &["handshake", "not an NBD server"]);
 }
 
 #[test]
 fn peer_sends_bad_magic() {
-    let peer = Peer::start(|s, _| {
-        s.write_all(b"NBDMAGIX\x49\x48\x41\x56\x45\x4f\x50\x54\x00\x03")?;
-        drain(s);
-        Ok(())
-    });
+    let peer = Peer::sends_then_waits(b"NBDMAGIX\x49\x48\x41\x56\x45\x4f\x50\x54\x00\x03".to_vec());
     fails_against(&peer, &[], &["handshake", "bad magic"]);
-    let peer = Peer::start(|s, _| {
-        s.write_all(b"NBDMAGICNOTNBD!!\x00\x03")?;
-        drain(s);
-        Ok(())
-    });
+    let peer = Peer::sends_then_waits(b"NBDMAGICNOTNBD!!\x00\x03".to_vec());
     fails_against(&peer, &[], &["handshake", "bad magic"]);
 }
 
@@ -183,11 +171,7 @@ fn peer_is_an_http_server() {
 #[test]
 fn peer_is_an_ssh_server_that_waits() {
     // Sends its banner and then waits for the client, as sshd does.
-    let peer = Peer::start(|s, _| {
-        s.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")?;
-        drain(s);
-        Ok(())
-    });
+    let peer = Peer::sends_then_waits(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n".to_vec());
     fails_against(&peer, &[], &["not an NBD server", "SSH-2.0-"]);
 }
 

@@ -1095,6 +1095,16 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// A peer that sends `bytes` on every connection, then reads and drops
+    /// whatever comes until the client hangs up.
+    pub fn sends_then_waits(bytes: Vec<u8>) -> Peer {
+        Peer::start(move |s, _| {
+            s.write_all(&bytes)?;
+            drain(s);
+            Ok(())
+        })
+    }
+
     /// Listen and run `script(stream, connection_number)` (from 1) for
     /// every connection.
     pub fn start(
