@@ -96,7 +96,7 @@ struct Args {
     verbose: u8,
 
     /// SOURCE and DESTINATION.
-    #[arg(value_names = ["SOURCE", "DESTINATION"], num_args = 2, required = true, allow_hyphen_values = true)]
+    #[arg(value_names = ["SOURCE", "DESTINATION"], num_args = 2, required = true)]
     endpoints: Vec<String>,
 }
 
@@ -451,6 +451,27 @@ mod tests {
         );
         assert!(!o.flush && o.allocated && o.destination_is_zero && !o.extents);
         assert_eq!(inv.destination, EndpointSpec::Null);
+    }
+
+    #[test]
+    fn short_options_take_attached_values_as_getopt_does() {
+        // Scripts written for nbdcopy say `-C4 -T4 -R2`; options must not
+        // be mistaken for endpoints, wherever they stand.
+        let inv = parse(args(&["-C4", "-T4", "-R2", "-S0", "src", "-"])).unwrap();
+        let o = &inv.options;
+        assert_eq!(
+            (o.connections, o.threads, o.requests, o.sparse_size),
+            (4, 4, 2, 0)
+        );
+        assert_eq!(inv.source, EndpointSpec::Path("src".into()));
+        assert_eq!(inv.destination, EndpointSpec::Stdio);
+        let inv = parse(args(&["-", "dst", "-C2", "--no-flush"])).unwrap();
+        assert_eq!(inv.options.connections, 2);
+        assert!(!inv.options.flush);
+        assert_eq!(inv.source, EndpointSpec::Stdio);
+        // A file whose name starts with '-' is reached after `--`.
+        let inv = parse(args(&["-C1", "--", "-odd", "b"])).unwrap();
+        assert_eq!(inv.source, EndpointSpec::Path("-odd".into()));
     }
 
     #[test]
