@@ -59,6 +59,9 @@ enum Item {
     Zero { offset: u64, len: u64 },
 }
 
+/// Size of a transparent huge page on x86-64 and arm64 (4 KiB pages).
+const HUGE_PAGE: usize = 2 * 1024 * 1024;
+
 /// A planned destination operation; data lives in the batch buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
@@ -81,6 +84,12 @@ enum Op {
 /// of `pread` into a heap `Vec` took 0.85 s of CPU against 0.3 s aligned).
 /// An anonymous mapping is page-aligned, and its pages are only backed when
 /// touched, so a sparse image does not cost its buffer size in memory.
+///
+/// Buffers of a huge page or more ask for transparent huge pages: fewer
+/// pages for the kernel to walk when it copies into them or, on Unix
+/// sockets, pins them to lend them to the socket (qcow2 to qcow2 through
+/// qemu-nbd, 8 alternating runs: 0.55 s of CPU against 0.65 s, and the
+/// receiving server spends less too).
 #[derive(Debug, Default)]
 enum PageBuffer {
     #[default]
@@ -93,7 +102,13 @@ enum PageBuffer {
 impl PageBuffer {
     fn new(len: usize) -> PageBuffer {
         match memmap2::MmapMut::map_anon(len) {
-            Ok(map) => PageBuffer::Mapped(map),
+            Ok(map) => {
+                if len >= HUGE_PAGE {
+                    // Only a hint: without huge pages the buffer still works.
+                    let _ = map.advise(memmap2::Advice::HugePage);
+                }
+                PageBuffer::Mapped(map)
+            }
             Err(_) => PageBuffer::Heap(vec![0u8; len]),
         }
     }

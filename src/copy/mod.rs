@@ -304,7 +304,10 @@ pub fn copy_endpoints(
     // Batches exist to keep requests in flight; local files and pipes take
     // one request at a time, and a batch of one request stays in cache.
     let batch_bytes = if scaps.pipelined || dcaps.pipelined {
-        in_flight.min(BATCH_TARGET)
+        [scaps.batch_hint, dcaps.batch_hint]
+            .into_iter()
+            .filter(|&hint| hint > 0)
+            .fold(in_flight.min(BATCH_TARGET), usize::min)
     } else {
         chunk
     };

@@ -216,6 +216,11 @@ fn copy_with_retries(
         };
         // The segment will be counted again when it is redone.
         shared.tracker.sub(done.load(Ordering::Relaxed));
+        // A broken connection may still deliver payload it had queued,
+        // read from the batch memory when the server gets to it (NBD over
+        // Unix sockets lends pages rather than copying): never refill that
+        // memory with other data.
+        *ring = Default::default();
         let endpoint: &mut dyn Endpoint = match failure.side {
             Side::Source => source,
             Side::Destination => destination,

@@ -291,6 +291,7 @@ impl Endpoint for FileEndpoint {
             starts_zeroed: self.fresh,
             multi_conn: true,
             pipelined: false,
+            batch_hint: 0,
         }
     }
 

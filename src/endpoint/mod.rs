@@ -93,6 +93,9 @@ pub struct Capabilities {
     /// Several requests in flight at once go faster than one at a time
     /// (a network server); batches are sized for it.
     pub pipelined: bool,
+    /// Most bytes of data per batch this endpoint does best with when
+    /// pipelined; 0 leaves it to the engine.
+    pub batch_hint: usize,
 }
 
 /// One write-side operation, as the engine hands them to

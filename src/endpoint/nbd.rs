@@ -15,6 +15,13 @@ use crate::nbd::wire::NBD_STATE_ZERO;
 /// How long an extra connection may take to be greeted before nbdcp
 /// carries on with the connections it has.
 const EXTRA_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+/// Batch size for a TCP connection. Measured on 2 cores, nbdkit memory to
+/// nbdkit memory over 127.0.0.1 (2 GiB, 5 alternating rounds): 512 KiB
+/// batches took 1.21 s and 0.86 s of CPU, 2 MiB batches 1.88 s and 1.18 s.
+/// Over Unix sockets the same servers were level (1.53 s against 1.45 s),
+/// and qemu-nbd qcow2 to qcow2 was faster with 2 MiB (1.18 s against
+/// 1.33 s), so Unix sockets keep the engine's default.
+const TCP_BATCH_HINT: usize = 512 * 1024;
 
 /// How to use an NBD server.
 #[derive(Clone, Debug)]
@@ -138,6 +145,11 @@ impl Endpoint for NbdEndpoint {
             starts_zeroed: false,
             multi_conn: self.client.multi_conn(),
             pipelined: true,
+            batch_hint: if self.client.is_tcp() {
+                TCP_BATCH_HINT
+            } else {
+                0
+            },
         }
     }
 

@@ -15,11 +15,13 @@
 //! request (an errno) leave the connection usable; the batch stops
 //! sending, collects the replies still due and returns the first error.
 
-use std::io::{self, BufRead, BufReader, IoSlice, Read};
+use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use super::handshake::{Negotiated, negotiate};
+use super::splice::{MIN_SPLICE_PAYLOAD, SpliceError, SplicePipe};
 use super::transport::Transport;
 use super::uri::NbdUri;
 use super::wire::*;
@@ -204,11 +206,25 @@ fn max_idle_chunks(length: u32) -> u32 {
     (length / 512).max(64)
 }
 
+/// Whether a connection lends write payloads to the kernel.
+#[derive(Debug)]
+enum Splicing {
+    /// Not decided: no large write yet.
+    NotYet,
+    /// Lending through this pipe.
+    On(SplicePipe),
+    /// Copying (TCP, or the kernel refused).
+    Off,
+}
+
 /// One NBD connection.
 #[derive(Debug)]
 pub struct Client {
     /// All reads go through this buffer; writes go to `reader.get_ref()`.
     reader: BufReader<Transport>,
+    /// Lends large write payloads to a Unix socket instead of copying
+    /// them (see [`super::splice`]); made on the first large write.
+    splice: Splicing,
     name: String,
     neg: Negotiated,
     block: BlockSize,
@@ -261,6 +277,7 @@ impl Client {
         };
         Client {
             reader: BufReader::with_capacity(READ_BUFFER_SIZE, transport),
+            splice: Splicing::NotYet,
             name: name.to_string(),
             block: BlockSize {
                 minimum,
@@ -332,6 +349,11 @@ impl Client {
     /// The export is read-only.
     pub fn read_only(&self) -> bool {
         self.has(NBD_FLAG_READ_ONLY)
+    }
+
+    /// The connection is TCP (not a Unix socket).
+    pub fn is_tcp(&self) -> bool {
+        matches!(self.reader.get_ref(), Transport::Tcp(_))
     }
 
     /// Several connections see one another's writes after a flush.
@@ -430,6 +452,54 @@ impl Client {
 
     // -- sending ------------------------------------------------------------
 
+    /// The pipe to lend a payload of `len` bytes through, if it is worth
+    /// it: on Unix sockets, where it saves the copy into the socket. On
+    /// TCP lent pages measured slower (nbdkit memory to memory over
+    /// loopback, 2 GiB: 1.91 s and 1.41 s of CPU against 1.59 s and
+    /// 1.08 s copied), as the stack then handles many small fragments.
+    fn splice_pipe(&mut self, len: usize) -> bool {
+        if len < MIN_SPLICE_PAYLOAD {
+            return false;
+        }
+        if let Splicing::NotYet = self.splice {
+            self.splice = match self.reader.get_ref() {
+                Transport::Unix(_) => match SplicePipe::new() {
+                    Ok(pipe) => Splicing::On(pipe),
+                    Err(e) => {
+                        log::debug!("{}: no pipe to lend payloads through: {e}", self.name);
+                        Splicing::Off
+                    }
+                },
+                Transport::Tcp(_) => Splicing::Off,
+            };
+        }
+        matches!(self.splice, Splicing::On(_))
+    }
+
+    /// Put a request header and its payload on the socket.
+    fn send_bytes(&mut self, header: &[u8], payload: &[u8]) -> io::Result<()> {
+        let lend = self.splice_pipe(payload.len());
+        let socket = self.reader.get_ref();
+        let pipe = match &self.splice {
+            Splicing::On(pipe) if lend => pipe,
+            _ => {
+                let mut slices = [IoSlice::new(header), IoSlice::new(payload)];
+                return socket.send_message(&mut slices);
+            }
+        };
+        let mut w = socket;
+        w.write_all(header)?;
+        match pipe.send(socket.as_raw_fd(), payload) {
+            Ok(()) => Ok(()),
+            Err(SpliceError::Failed(e)) => Err(e),
+            Err(SpliceError::Unavailable(e)) => {
+                log::debug!("{}: not lending payloads: {e}", self.name);
+                self.splice = Splicing::Off;
+                w.write_all(payload)
+            }
+        }
+    }
+
     fn free_slot(&mut self) -> usize {
         match self.slots.iter().position(|s| !s.busy) {
             Some(i) => i,
@@ -463,8 +533,7 @@ impl Client {
             length,
         }
         .encode();
-        let mut slices = [IoSlice::new(&header), IoSlice::new(payload)];
-        if let Err(e) = self.reader.get_ref().send_message(&mut slices) {
+        if let Err(e) = self.send_bytes(&header, payload) {
             return Err(self.io_error(op, e));
         }
         let i = self.free_slot();
@@ -988,6 +1057,14 @@ impl Client {
     /// the result is as if the commands ran in order. On a server error
     /// no more requests are sent and the first error is returned once the
     /// replies still due have arrived.
+    ///
+    /// On a Unix socket, large payloads are lent to the kernel rather than
+    /// copied ([`super::splice`]). When this returns `Ok` or a server's
+    /// error, the server has read every payload. After an I/O error the
+    /// connection is dead but bytes it queued may still reach the server:
+    /// do not put other data in the payload memory and then write it again
+    /// elsewhere; drop it (the copy engine starts a retried segment with
+    /// fresh buffers).
     pub fn write_many<'a, I>(
         &mut self,
         ops: I,

@@ -17,6 +17,7 @@
 
 pub mod client;
 pub mod handshake;
+pub mod splice;
 pub mod transport;
 pub mod uri;
 pub mod wire;

@@ -156,6 +156,15 @@ impl Transport {
     }
 }
 
+impl std::os::fd::AsRawFd for Transport {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Transport::Tcp(s) => s.as_raw_fd(),
+            Transport::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
 impl From<UnixStream> for Transport {
     fn from(s: UnixStream) -> Transport {
         Transport::from_unix(s)
