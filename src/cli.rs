@@ -62,9 +62,10 @@ struct Args {
     #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size_arg)]
     queue_size: u64,
 
-    /// Largest request, a power of two from 4K to 32M.
-    #[arg(long, value_name = "SIZE", default_value = "256K", value_parser = parse_size_arg)]
-    request_size: u64,
+    /// Largest request, a power of two from 4K to 32M [default: 1M on NBD
+    /// Unix sockets, 256K otherwise].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    request_size: Option<u64>,
 
     /// Requests in flight per connection.
     #[arg(short = 'R', long, value_name = "N", default_value = "64", value_parser = parse_positive)]
@@ -239,7 +240,10 @@ pub fn parse(args: Vec<String>) -> Result<Invocation, (String, i32)> {
         connections: parsed.connections,
         threads: parsed.threads,
         requests: parsed.requests,
-        request_size: to_usize(parsed.request_size, "--request-size")?,
+        request_size: parsed
+            .request_size
+            .map(|size| to_usize(size, "--request-size"))
+            .transpose()?,
         queue_size: to_usize(parsed.queue_size, "--queue-size")?,
         sparse_size: to_usize(parsed.sparse, "--sparse")?,
         allocated: parsed.allocated,
@@ -412,7 +416,7 @@ mod tests {
                 o.queue_size,
                 o.sparse_size
             ),
-            (4, 64, 256 << 10, 16 << 20, 4096)
+            (4, 64, None, 16 << 20, 4096)
         );
         assert!(o.flush && o.extents && !o.allocated && !o.synchronous);
         assert_eq!(inv.source, EndpointSpec::Path("a".into()));
@@ -447,7 +451,7 @@ mod tests {
                 o.sparse_size,
                 o.threads
             ),
-            (2, 8, 1 << 20, 0, 3)
+            (2, 8, Some(1 << 20), 0, 3)
         );
         assert!(!o.flush && o.allocated && o.destination_is_zero && !o.extents);
         assert_eq!(inv.destination, EndpointSpec::Null);

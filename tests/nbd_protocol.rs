@@ -447,3 +447,31 @@ fn request_size_bounds_source_reads() {
         );
     }
 }
+
+/// Without --request-size, reads are 1 MiB on a Unix socket (servers
+/// spend less CPU on fewer requests) and 256 KiB on TCP, as nbdcopy's.
+#[test]
+fn default_request_size_depends_on_the_transport() {
+    require("nbdkit");
+    let unix = Server::nbdkit_logged(&["pattern", "8M"]);
+    nbdcp_ok(&[&unix.uri(), "null:"]);
+    let log = unix.wait_log_idle();
+    let reads = requests_of(&log, LogCommand::Read);
+    assert!(covers(&reads, 0, 8 * MIB));
+    assert!(
+        reads.iter().all(|r| r.count == MIB),
+        "Unix socket: reads of {:?}",
+        reads.iter().map(|r| r.count).collect::<Vec<_>>()
+    );
+
+    let tcp = Server::nbdkit_tcp_logged(&["pattern", "8M"]);
+    nbdcp_ok(&[&tcp.uri(), "null:"]);
+    let log = tcp.wait_log_idle();
+    let reads = requests_of(&log, LogCommand::Read);
+    assert!(covers(&reads, 0, 8 * MIB));
+    assert!(
+        reads.iter().all(|r| r.count == 256 * 1024),
+        "TCP: reads of {:?}",
+        reads.iter().map(|r| r.count).collect::<Vec<_>>()
+    );
+}

@@ -45,6 +45,9 @@ const MAX_QUEUED_SEGMENTS: u64 = 65536;
 /// Default `--retries`: with the back-off this gives a server about three
 /// seconds to come back.
 pub const DEFAULT_RETRIES: u32 = 5;
+/// The request size for endpoints that state no preference (files, pipes,
+/// NBD over TCP), as nbdcopy's default.
+pub const DEFAULT_REQUEST_SIZE: usize = 256 * 1024;
 /// The smallest `--request-size`.
 pub const MIN_REQUEST_SIZE: usize = 4096;
 
@@ -91,8 +94,9 @@ pub struct CopyOptions {
     pub threads: usize,
     /// Most requests in flight per connection (`-R`).
     pub requests: usize,
-    /// Largest single read (`--request-size`), a power of two.
-    pub request_size: usize,
+    /// Largest single read (`--request-size`), a power of two; `None`
+    /// lets each copy choose from its endpoints (see [`DEFAULT_REQUEST_SIZE`]).
+    pub request_size: Option<usize>,
     /// Bytes of data in flight per worker (`--queue-size`).
     pub queue_size: usize,
     /// Zero-detection block size in data (`-S`), 0 for none.
@@ -126,7 +130,7 @@ impl Default for CopyOptions {
             connections: 4,
             threads: 0,
             requests: 64,
-            request_size: 256 * 1024,
+            request_size: None,
             queue_size: 16 * 1024 * 1024,
             sparse_size: 4096,
             allocated: false,
@@ -172,31 +176,32 @@ impl CopyOptions {
         if self.requests == 0 {
             return Err(Error::usage("--requests must be at least 1"));
         }
-        if !self.request_size.is_power_of_two()
-            || !(MIN_REQUEST_SIZE..=MAX_REQUEST_SIZE).contains(&self.request_size)
-        {
-            return Err(Error::usage(format!(
-                "--request-size must be a power of two from {MIN_REQUEST_SIZE} to {MAX_REQUEST_SIZE}, not {}",
-                self.request_size
-            )));
+        if let Some(size) = self.request_size {
+            if !size.is_power_of_two() || !(MIN_REQUEST_SIZE..=MAX_REQUEST_SIZE).contains(&size) {
+                return Err(Error::usage(format!(
+                    "--request-size must be a power of two from {MIN_REQUEST_SIZE} to {MAX_REQUEST_SIZE}, not {size}"
+                )));
+            }
         }
-        if self.queue_size < self.request_size {
+        let smallest_request = self.request_size.unwrap_or(MIN_REQUEST_SIZE);
+        if self.queue_size < smallest_request {
             return Err(Error::usage(format!(
-                "--queue-size ({}) must be at least --request-size ({})",
-                self.queue_size, self.request_size
+                "--queue-size ({}) must be at least --request-size ({smallest_request})",
+                self.queue_size
             )));
         }
         if self.sparse_size != 0
             && (!self.sparse_size.is_power_of_two()
                 || self.sparse_size < 512
-                || self.sparse_size > self.request_size)
+                || self.sparse_size > self.request_size.unwrap_or(MAX_REQUEST_SIZE))
         {
             return Err(Error::usage(format!(
-                "--sparse must be 0 or a power of two from 512 to --request-size ({}), not {}",
-                self.request_size, self.sparse_size
+                "--sparse must be 0 or a power of two from 512 to --request-size, not {}",
+                self.sparse_size
             )));
         }
-        if self.segment_size == 0 || self.segment_size % self.request_size as u64 != 0 {
+        // A power of two at least the request size is a multiple of it.
+        if !self.segment_size.is_power_of_two() || self.segment_size < smallest_request as u64 {
             return Err(Error::usage(
                 "segment size must be a multiple of the request size",
             ));
@@ -273,6 +278,28 @@ pub fn copy(
     copy_endpoints(src, dst, options)
 }
 
+/// The request size when the user did not choose one: the smallest that
+/// an endpoint asks for, else [`DEFAULT_REQUEST_SIZE`]; never more than
+/// the queue holds, nor less than the zero-detection block.
+fn auto_request_size(
+    scaps: &endpoint::Capabilities,
+    dcaps: &endpoint::Capabilities,
+    options: &CopyOptions,
+) -> usize {
+    let asked = [scaps.request_hint, dcaps.request_hint]
+        .into_iter()
+        .filter(|&hint| hint > 0)
+        .min()
+        .unwrap_or(DEFAULT_REQUEST_SIZE);
+    let queue_bound = 1usize << options.queue_size.max(MIN_REQUEST_SIZE).ilog2();
+    let segment_bound = usize::try_from(options.segment_size).unwrap_or(MAX_REQUEST_SIZE);
+    asked
+        .min(queue_bound)
+        .min(segment_bound)
+        .max(options.sparse_size)
+        .clamp(MIN_REQUEST_SIZE, MAX_REQUEST_SIZE)
+}
+
 /// Copy between endpoints already open. The handles are closed at the end.
 pub fn copy_endpoints(
     mut source: Box<dyn Endpoint>,
@@ -294,7 +321,10 @@ pub fn copy_endpoints(
         destination.block_size().minimum as usize,
     );
     let align = smin.max(dmin).max(1);
-    let chunk = options.request_size.next_multiple_of(align);
+    let chunk = options
+        .request_size
+        .unwrap_or_else(|| auto_request_size(&scaps, &dcaps, options))
+        .next_multiple_of(align);
     let overlap = !options.synchronous;
     let in_flight = if overlap {
         options.queue_size / 2
@@ -319,7 +349,7 @@ pub fn copy_endpoints(
             options.requests
         },
         batch_bytes: batch_bytes.max(chunk),
-        sparse: if options.sparse_size == 0 {
+        sparse: if options.sparse_size == 0 || dcaps.discards {
             0
         } else {
             options.sparse_size.next_multiple_of(dmin.max(1))
@@ -468,4 +498,66 @@ fn finish(
         s.close()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::Capabilities;
+
+    fn hinting(request_hint: usize) -> Capabilities {
+        Capabilities {
+            request_hint,
+            ..Capabilities::default()
+        }
+    }
+
+    #[test]
+    fn request_size_follows_the_endpoints_unless_the_user_chose() {
+        let o = CopyOptions::default();
+        let none = Capabilities::default();
+        let (unix, tcp) = (hinting(1 << 20), hinting(256 << 10));
+        assert_eq!(auto_request_size(&none, &none, &o), DEFAULT_REQUEST_SIZE);
+        assert_eq!(auto_request_size(&unix, &none, &o), 1 << 20);
+        assert_eq!(auto_request_size(&none, &unix, &o), 1 << 20);
+        // The smaller wish wins: a TCP side keeps its small requests.
+        assert_eq!(auto_request_size(&unix, &tcp, &o), 256 << 10);
+        // Never more than the queue holds or a segment spans.
+        let small_queue = CopyOptions {
+            queue_size: 600 << 10,
+            ..CopyOptions::default()
+        };
+        assert_eq!(auto_request_size(&unix, &none, &small_queue), 512 << 10);
+        let small_segments = CopyOptions {
+            segment_size: 64 << 10,
+            ..CopyOptions::default()
+        };
+        assert_eq!(auto_request_size(&unix, &none, &small_segments), 64 << 10);
+        // At least a zero-detection block.
+        let big_sparse = CopyOptions {
+            sparse_size: 2 << 20,
+            ..CopyOptions::default()
+        };
+        assert_eq!(auto_request_size(&unix, &none, &big_sparse), 2 << 20);
+    }
+
+    #[test]
+    fn validation_with_and_without_a_request_size() {
+        assert!(CopyOptions::default().validate().is_ok());
+        let explicit = |request_size, queue_size, sparse_size| CopyOptions {
+            request_size: Some(request_size),
+            queue_size,
+            sparse_size,
+            ..CopyOptions::default()
+        };
+        assert!(explicit(64 << 10, 16 << 20, 4096).validate().is_ok());
+        assert!(explicit(3000, 16 << 20, 4096).validate().is_err());
+        assert!(explicit(1 << 20, 512 << 10, 4096).validate().is_err());
+        assert!(explicit(64 << 10, 16 << 20, 128 << 10).validate().is_err());
+        let auto_big_sparse = CopyOptions {
+            sparse_size: 1 << 20,
+            ..CopyOptions::default()
+        };
+        assert!(auto_big_sparse.validate().is_ok());
+    }
 }

@@ -479,7 +479,7 @@ mod tests {
         CopyOptions {
             retries,
             segment_size: 1 << 20,
-            request_size: 64 * 1024,
+            request_size: Some(64 * 1024),
             queue_size: 256 * 1024,
             ..CopyOptions::default()
         }

@@ -291,7 +291,9 @@ impl Endpoint for FileEndpoint {
             starts_zeroed: self.fresh,
             multi_conn: true,
             pipelined: false,
+            request_hint: 0,
             batch_hint: 0,
+            discards: false,
         }
     }
 

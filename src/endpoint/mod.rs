@@ -93,9 +93,15 @@ pub struct Capabilities {
     /// Several requests in flight at once go faster than one at a time
     /// (a network server); batches are sized for it.
     pub pipelined: bool,
+    /// Request size this endpoint does best with, used unless the user
+    /// sets one; 0 leaves it to the engine.
+    pub request_hint: usize,
     /// Most bytes of data per batch this endpoint does best with when
     /// pipelined; 0 leaves it to the engine.
     pub batch_hint: usize,
+    /// Writes are thrown away (`null:`): finding zeroes in data is wasted
+    /// work.
+    pub discards: bool,
 }
 
 /// One write-side operation, as the engine hands them to

@@ -22,6 +22,16 @@ const EXTRA_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 /// and qemu-nbd qcow2 to qcow2 was faster with 2 MiB (1.18 s against
 /// 1.33 s), so Unix sockets keep the engine's default.
 const TCP_BATCH_HINT: usize = 512 * 1024;
+/// Request size on a TCP connection: two requests per batch measured
+/// best (the same copy: 1.18 s with 256 KiB or 512 KiB requests, 1.40 s
+/// with 1 MiB).
+const TCP_REQUEST_HINT: usize = 256 * 1024;
+/// Request size on a Unix socket. Servers spend much of their CPU per
+/// request, and on 2 cores their CPU is the copy's: qemu-nbd raw to
+/// `null:` (2 GiB, 6 alternating rounds) took 0.82 s with 1 MiB requests,
+/// the server using 0.84 s of CPU, against 1.19 s and 1.27 s with 256 KiB;
+/// qcow2 to qcow2 took 0.87 s against 1.06 s (2 MiB: 0.92 s).
+const UNIX_REQUEST_HINT: usize = 1024 * 1024;
 
 /// How to use an NBD server.
 #[derive(Clone, Debug)]
@@ -145,11 +155,17 @@ impl Endpoint for NbdEndpoint {
             starts_zeroed: false,
             multi_conn: self.client.multi_conn(),
             pipelined: true,
+            request_hint: if self.client.is_tcp() {
+                TCP_REQUEST_HINT
+            } else {
+                UNIX_REQUEST_HINT
+            },
             batch_hint: if self.client.is_tcp() {
                 TCP_BATCH_HINT
             } else {
                 0
             },
+            discards: false,
         }
     }
 

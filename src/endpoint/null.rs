@@ -21,6 +21,7 @@ impl Endpoint for NullEndpoint {
             efficient_zero: true,
             starts_zeroed: true,
             multi_conn: true,
+            discards: true,
             ..Capabilities::default()
         }
     }

@@ -96,9 +96,20 @@ impl Server {
 
     /// nbdkit on TCP, on `127.0.0.1` only, with a free port.
     pub fn nbdkit_tcp(args: &[&str]) -> Server {
+        Self::nbdkit_tcp_with_log(args, false)
+    }
+
+    /// [`Server::nbdkit_tcp`] with the log filter, as
+    /// [`Server::nbdkit_logged`].
+    pub fn nbdkit_tcp_logged(args: &[&str]) -> Server {
+        Self::nbdkit_tcp_with_log(args, true)
+    }
+
+    fn nbdkit_tcp_with_log(args: &[&str], logged: bool) -> Server {
         require("nbdkit");
         retry_ports(|port| {
             let dir = tempdir();
+            let log = logged.then(|| dir.path().join("nbdkit.log"));
             let argv = nbdkit_argv(
                 &[
                     "-i".into(),
@@ -108,9 +119,12 @@ impl Server {
                 ],
                 &dir,
                 args,
-                None,
+                log.as_deref(),
             );
-            start_foreground(ServerKind::Nbdkit, dir, Address::Tcp(port), "", argv)
+            let mut server =
+                start_foreground(ServerKind::Nbdkit, dir, Address::Tcp(port), "", argv)?;
+            server.log = log;
+            Ok(server)
         })
     }
 
