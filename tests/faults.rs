@@ -118,7 +118,9 @@ fn source_read_errors_then_a_clean_rerun() {
             ],
         );
         let uri = server.uri();
-        let args = ["-C", "4", "-T", "4", &uri, s(&out)];
+        // 64 KiB requests: 128 reads, so that at a 30 % rate one fails
+        // for certain (8 reads of 1 MiB all succeed one run in 18).
+        let args = ["-C", "4", "-T", "4", "--request-size", "64K", &uri, s(&out)];
         let run = run_watched(&args);
         let line = run.assert_clean_failure(&uri, true);
         assert!(
