@@ -454,24 +454,17 @@ fn request_size_bounds_source_reads() {
 fn default_request_size_depends_on_the_transport() {
     require("nbdkit");
     let unix = Server::nbdkit_logged(&["pattern", "8M"]);
-    nbdcp_ok(&[&unix.uri(), "null:"]);
-    let log = unix.wait_log_idle();
-    let reads = requests_of(&log, LogCommand::Read);
-    assert!(covers(&reads, 0, 8 * MIB));
-    assert!(
-        reads.iter().all(|r| r.count == MIB),
-        "Unix socket: reads of {:?}",
-        reads.iter().map(|r| r.count).collect::<Vec<_>>()
-    );
-
     let tcp = Server::nbdkit_tcp_logged(&["pattern", "8M"]);
-    nbdcp_ok(&[&tcp.uri(), "null:"]);
-    let log = tcp.wait_log_idle();
-    let reads = requests_of(&log, LogCommand::Read);
-    assert!(covers(&reads, 0, 8 * MIB));
-    assert!(
-        reads.iter().all(|r| r.count == 256 * 1024),
-        "TCP: reads of {:?}",
-        reads.iter().map(|r| r.count).collect::<Vec<_>>()
-    );
+    for (server, size) in [(unix, MIB), (tcp, 256 * 1024)] {
+        nbdcp_ok(&[&server.uri(), "null:"]);
+        let log = server.wait_log_idle();
+        let reads = requests_of(&log, LogCommand::Read);
+        assert!(covers(&reads, 0, 8 * MIB));
+        let sizes: Vec<u64> = reads.iter().map(|r| r.count).collect();
+        assert!(
+            sizes.iter().all(|&n| n == size),
+            "{}: reads of {sizes:?}",
+            server.uri()
+        );
+    }
 }

@@ -78,12 +78,35 @@ pub fn open_stdout(source_size: Option<u64>) -> Result<Box<dyn Endpoint>> {
 
 /// Wrap an open pipe, FIFO or character device (e.g. `/dev/full`).
 pub fn from_file(name: &str, file: File, writable: bool) -> Box<dyn Endpoint> {
+    grow_pipe(&file);
     Box::new(StreamEndpoint {
         name: name.to_string(),
         file,
         position: 0,
         writable,
     })
+}
+
+/// Pipe capacity asked for (the most an unprivileged process may set by
+/// default): with the default 64 KiB, nbdcp and the program at the other
+/// end wake each other for every 64 KiB.
+const PIPE_SIZE: libc::c_int = 1024 * 1024;
+
+/// Make a pipe or FIFO hold [`PIPE_SIZE`] bytes if it holds less. Only a
+/// hint: a pipe that cannot grow still works.
+fn grow_pipe(file: &File) {
+    use std::os::unix::fs::FileTypeExt;
+    if !file.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
+        return;
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETPIPE_SZ and F_SETPIPE_SZ on a descriptor we hold, known
+    // to be a pipe.
+    unsafe {
+        if libc::fcntl(fd, libc::F_GETPIPE_SZ) < PIPE_SIZE {
+            libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_SIZE);
+        }
+    }
 }
 
 /// A pipe (or terminal, socket, character device) read or written in order.
@@ -134,6 +157,8 @@ impl Endpoint for StreamEndpoint {
         Capabilities {
             read_only: !self.writable,
             sequential: true,
+            // The pipe holds this much: larger batches only cost memory.
+            batch_hint: PIPE_SIZE as usize,
             ..Capabilities::default()
         }
     }
