@@ -235,6 +235,28 @@ fn file_to_stdout_pipe_and_redirect() {
     assert_same_bytes(&f.src, &redirected);
 }
 
+/// A pipe on stdout is grown to 1 MiB, so that nbdcp and the reader do
+/// not wake each other every 64 KiB; the bytes are unchanged.
+#[test]
+fn stdout_pipe_is_grown() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let f = Fixture::new();
+    let mut child = Command::new(nbdcp_bin())
+        .args([Fixture::s(&f.src), "-"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut bytes = Vec::new();
+    stdout.read_to_end(&mut bytes).unwrap();
+    assert!(child.wait().unwrap().success());
+    // SAFETY: F_GETPIPE_SZ only reads the pipe's capacity.
+    let capacity = unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    assert_eq!(capacity, 1 << 20);
+    assert!(bytes == std::fs::read(&f.src).unwrap());
+}
+
 #[test]
 fn progress_to_a_file_descriptor() {
     let f = Fixture::new();
