@@ -203,7 +203,7 @@ impl CopyOptions {
         // A power of two at least the request size is a multiple of it.
         if !self.segment_size.is_power_of_two() || self.segment_size < smallest_request as u64 {
             return Err(Error::usage(
-                "segment size must be a multiple of the request size",
+                "segment size must be a power of two, at least the request size",
             ));
         }
         Ok(())
@@ -286,11 +286,8 @@ fn auto_request_size(
     dcaps: &endpoint::Capabilities,
     options: &CopyOptions,
 ) -> usize {
-    let asked = [scaps.request_hint, dcaps.request_hint]
-        .into_iter()
-        .filter(|&hint| hint > 0)
-        .min()
-        .unwrap_or(DEFAULT_REQUEST_SIZE);
+    let asked =
+        smallest_hint(scaps.request_hint, dcaps.request_hint).unwrap_or(DEFAULT_REQUEST_SIZE);
     let queue_bound = 1usize << options.queue_size.max(MIN_REQUEST_SIZE).ilog2();
     let segment_bound = usize::try_from(options.segment_size).unwrap_or(MAX_REQUEST_SIZE);
     asked
@@ -298,6 +295,11 @@ fn auto_request_size(
         .min(segment_bound)
         .max(options.sparse_size)
         .clamp(MIN_REQUEST_SIZE, MAX_REQUEST_SIZE)
+}
+
+/// The smaller of two endpoint hints, where 0 means "no preference".
+fn smallest_hint(a: usize, b: usize) -> Option<usize> {
+    [a, b].into_iter().filter(|&hint| hint > 0).min()
 }
 
 /// Copy between endpoints already open. The handles are closed at the end.
@@ -334,10 +336,8 @@ pub fn copy_endpoints(
     // Batches exist to keep requests in flight; local files and pipes take
     // one request at a time, and a batch of one request stays in cache.
     let batch_bytes = if scaps.pipelined || dcaps.pipelined {
-        [scaps.batch_hint, dcaps.batch_hint]
-            .into_iter()
-            .filter(|&hint| hint > 0)
-            .fold(in_flight.min(BATCH_TARGET), usize::min)
+        let target = in_flight.min(BATCH_TARGET);
+        smallest_hint(scaps.batch_hint, dcaps.batch_hint).map_or(target, |hint| hint.min(target))
     } else {
         chunk
     };
