@@ -4,7 +4,7 @@
 //! workers get their own connections through
 //! [`Endpoint::connect_another`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{BlockSize, Capabilities, Endpoint, Extent, ExtentKind, ReadOp, WriteOp};
 use crate::error::{Error, ErrorKind, Result};
@@ -12,9 +12,13 @@ use crate::nbd::client::{Client, ClientOptions, WriteCmd};
 use crate::nbd::uri::NbdUri;
 use crate::nbd::wire::NBD_STATE_ZERO;
 
-/// How long an extra connection may take to be greeted before nbdcp
+/// The longest an extra connection may take to be greeted before nbdcp
 /// carries on with the connections it has.
 const EXTRA_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+/// The shortest such wait: the first connection's handshake times this
+/// factor decides in between.
+const EXTRA_CONNECTION_MIN_WAIT: Duration = Duration::from_millis(100);
+const EXTRA_CONNECTION_FACTOR: u32 = 20;
 /// Batch size for a TCP connection. Measured on 2 cores, nbdkit memory to
 /// nbdkit memory over 127.0.0.1 (2 GiB, 5 alternating rounds): 512 KiB
 /// batches took 1.21 s and 0.86 s of CPU, 2 MiB batches 1.88 s and 1.18 s.
@@ -69,6 +73,9 @@ pub struct NbdEndpoint {
     /// Writes, zeroes or trims were sent on this connection since its last
     /// successful flush.
     dirty: bool,
+    /// How long connecting and negotiating took, a measure of how quickly
+    /// this server greets a client.
+    handshake_time: Duration,
 }
 
 impl NbdEndpoint {
@@ -79,8 +86,10 @@ impl NbdEndpoint {
             name: name.to_string(),
             timeout: opts.timeout,
         };
+        let started = Instant::now();
         let mut client = Client::connect(uri, &copts)
             .map_err(|e| e.with_endpoint(name).with_operation("connect"))?;
+        let handshake_time = started.elapsed();
         if opts.writable && client.read_only() {
             let _ = client.disconnect();
             return Err(
@@ -96,6 +105,7 @@ impl NbdEndpoint {
             client,
             warned_extents: false,
             dirty: false,
+            handshake_time,
         })
     }
 
@@ -304,13 +314,14 @@ impl Endpoint for NbdEndpoint {
 
     fn connect_another(&self) -> Result<Option<Box<dyn Endpoint>>> {
         // A server that serves one client at a time (qemu-nbd without
-        // --shared) accepts the socket but never greets a second client:
-        // give up on extra connections after a short wait instead of
-        // hanging, then restore the configured timeout.
+        // --shared) accepts the socket but never greets a second client.
+        // Give up on extra connections after a wait scaled to how fast the
+        // first was greeted instead of hanging (qemu-nbd on a Unix socket
+        // greets in about a millisecond, so nbdcp waits 100 ms, not
+        // seconds), then restore the configured timeout.
+        let wait = extra_connection_wait(self.handshake_time);
         let opts = NbdOptions {
-            timeout: Some(self.opts.timeout.map_or(EXTRA_CONNECTION_TIMEOUT, |t| {
-                t.min(EXTRA_CONNECTION_TIMEOUT)
-            })),
+            timeout: Some(self.opts.timeout.map_or(wait, |t| t.min(wait))),
             ..self.opts.clone()
         };
         let attempt = NbdEndpoint::connect(&self.name, &self.uri, &opts).and_then(|mut ep| {
@@ -373,10 +384,30 @@ fn is_transport(e: &Error) -> bool {
     matches!(e.kind(), ErrorKind::Io | ErrorKind::Timeout)
 }
 
+/// How long to wait for an extra connection's greeting, given how long
+/// the first connection took to connect and negotiate.
+fn extra_connection_wait(first_handshake: Duration) -> Duration {
+    first_handshake
+        .saturating_mul(EXTRA_CONNECTION_FACTOR)
+        .clamp(EXTRA_CONNECTION_MIN_WAIT, EXTRA_CONNECTION_TIMEOUT)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::nbd::client::tests_support::FakeServer;
+
+    #[test]
+    fn extra_connection_wait_scales_with_the_first_handshake() {
+        let ms = Duration::from_millis;
+        assert_eq!(extra_connection_wait(ms(1)), EXTRA_CONNECTION_MIN_WAIT);
+        assert_eq!(extra_connection_wait(ms(30)), ms(600));
+        assert_eq!(extra_connection_wait(ms(500)), EXTRA_CONNECTION_TIMEOUT);
+        assert_eq!(
+            extra_connection_wait(Duration::MAX),
+            EXTRA_CONNECTION_TIMEOUT
+        );
+    }
 
     fn endpoint(server: &FakeServer, writable: bool) -> Result<NbdEndpoint> {
         let opts = NbdOptions {
