@@ -79,7 +79,8 @@ struct Args {
     #[arg(long)]
     synchronous: bool,
 
-    /// Most worker threads (0: the number of cores).
+    /// Most workers (0: the number of cores, plus one when the source is an
+    /// NBD server).
     #[arg(short = 'T', long, value_name = "N", default_value = "0")]
     threads: usize,
 

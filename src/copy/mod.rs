@@ -90,7 +90,8 @@ pub struct CopyOptions {
     /// Connections to open to each NBD endpoint (`-C`); also the most
     /// workers for other kinds.
     pub connections: usize,
-    /// Most worker threads (`-T`); 0 means the number of cores.
+    /// Most workers (`-T`); 0 means the number of cores, plus one when the
+    /// source is a server that is waited on.
     pub threads: usize,
     /// Most requests in flight per connection (`-R`).
     pub requests: usize,
@@ -218,12 +219,26 @@ impl CopyOptions {
         }
     }
 
-    fn worker_limit(&self) -> usize {
+    /// Most workers: `-C` bounded by `-T`. Left to choose (`-T 0`), the
+    /// bound is the number of cores, plus one when the source is a server
+    /// that is waited on (`source_waits`).
+    ///
+    /// Each worker asks the source, waits for its answer, then sends on,
+    /// so with a server as source a worker spends part of its time idle.
+    /// Measured on 2 cores (alternating runs, medians): nbdkit
+    /// sparse-random to `null:` took 0.76 times as long with 3 workers as
+    /// with 2 (1 TiB with 0.1 % data) and 0.87 times (16 GiB with 6 %);
+    /// qemu-nbd qcow2 to qcow2 0.96 times, qemu-nbd to a file and to
+    /// `null:` the same. Copies from a local file are CPU work: 3 workers
+    /// took 1.15 times as long file to file and 1.04 times file to
+    /// qemu-nbd, so they keep one per core.
+    fn worker_limit(&self, source_waits: bool) -> usize {
         if self.synchronous {
             return 1;
         }
         let threads = if self.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cores + usize::from(source_waits)
         } else {
             self.threads
         };
@@ -390,7 +405,7 @@ pub fn copy_endpoints(
     let want = if dcaps.sequential {
         1
     } else {
-        options.worker_limit()
+        options.worker_limit(scaps.pipelined)
     };
     let mut handles = vec![(source, destination)];
     while handles.len() < want {
@@ -510,6 +525,34 @@ mod tests {
             request_hint,
             ..Capabilities::default()
         }
+    }
+
+    #[test]
+    fn a_server_source_gets_one_worker_more_than_the_cores() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let many = CopyOptions {
+            connections: 64,
+            ..CopyOptions::default()
+        };
+        assert_eq!(many.worker_limit(false), cores);
+        assert_eq!(many.worker_limit(true), cores + 1);
+        // -C and an explicit -T bound it; --synchronous is one worker.
+        let two = CopyOptions {
+            connections: 2,
+            ..CopyOptions::default()
+        };
+        assert_eq!(two.worker_limit(true), 2.min(cores + 1));
+        let three = CopyOptions {
+            threads: 3,
+            ..many.clone()
+        };
+        assert_eq!(three.worker_limit(true), 3);
+        assert_eq!(three.worker_limit(false), 3);
+        let sync = CopyOptions {
+            synchronous: true,
+            ..many
+        };
+        assert_eq!(sync.worker_limit(true), 1);
     }
 
     #[test]
