@@ -931,6 +931,42 @@ fn source_read_error_names_endpoint_operation_and_offset() {
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
 }
 
+/// A write left unanswered by the batch that sent it (`Client::send_writes`
+/// keeps small payloads in flight) fails after the segment's last batch:
+/// the engine waits for it before calling the copy done, also through a
+/// spawned server's endpoint and with nothing flushed to catch it.
+#[test]
+fn last_unanswered_write_failing_fails_the_copy() {
+    require("nbdkit");
+    let d = tmp();
+    let src = d.path().join("src.img");
+    random_file(&src, 32 * KIB, 33);
+    let args = [
+        "--no-flush",
+        "--request-size=32768",
+        s(&src),
+        "[",
+        "nbdkit",
+        "--filter=error",
+        "memory",
+        "32K",
+        "error-pwrite=ENOSPC",
+        "error-pwrite-rate=1",
+        "]",
+    ];
+    // The spawned nbdkit shares stderr and logs the injected error too.
+    let err = nbdcp_fails(&args, 1);
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("nbdcp:")).collect();
+    assert_eq!(ours.len(), 1, "one line from nbdcp: {err}");
+    assert!(
+        ours[0].ends_with(": write at offset 0 length 32768: No space left on device"),
+        "{err}"
+    );
+}
+
+/// Over TCP the last writes of a batch may still be unanswered when the
+/// next batch starts (`Client::send_writes`): their failure must still
+/// end the copy, as on a Unix socket.
 #[test]
 fn destination_write_error_names_endpoint_operation_and_offset() {
     require("nbdkit");
@@ -938,20 +974,22 @@ fn destination_write_error_names_endpoint_operation_and_offset() {
     let size = 4 * MIB;
     let src = d.path().join("src.img");
     random_file(&src, size, 31);
-    let dest = Server::nbdkit(&[
+    let args = [
         "--filter=error",
         "memory",
         "4M",
         "error-pwrite=ENOSPC",
         "error-pwrite-rate=1",
-    ]);
-    let err = nbdcp_fails(&[s(&src), &dest.uri()], 1);
-    let prefix = format!("nbdcp: {}: write at offset ", dest.uri());
-    assert!(
-        err.starts_with(&prefix) && err.contains(" length "),
-        "{err}"
-    );
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    ];
+    for dest in [Server::nbdkit(&args), Server::nbdkit_tcp(&args)] {
+        let err = nbdcp_fails(&[s(&src), &dest.uri()], 1);
+        let prefix = format!("nbdcp: {}: write at offset ", dest.uri());
+        assert!(
+            err.starts_with(&prefix) && err.contains(" length "),
+            "{err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
 }
 
 #[test]

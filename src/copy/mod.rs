@@ -503,6 +503,11 @@ fn finish(
     handles: &mut [HandlePair],
     dcaps: &endpoint::Capabilities,
 ) -> Result<()> {
+    // Writes may still be unanswered (see `Endpoint::settle`): a copy has
+    // not succeeded until every one has.
+    for (_, d) in handles.iter_mut() {
+        d.settle()?;
+    }
     if options.flush && dcaps.flush {
         for (_, d) in handles.iter_mut() {
             d.flush()?;

@@ -204,6 +204,7 @@ fn copy_with_retries(
         let done = AtomicU64::new(0);
         let outcome =
             copy_segment(shared, source, destination, segment, ring, &done).and_then(|()| {
+                destination.settle().map_err(on(Side::Destination))?;
                 if shared.flush_segments {
                     destination.flush().map_err(on(Side::Destination))
                 } else {

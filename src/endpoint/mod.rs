@@ -188,7 +188,10 @@ pub trait Endpoint: Send {
     fn zero(&mut self, offset: u64, length: u64, allocate: bool) -> Result<()>;
 
     /// Perform several writes and zeroes. Network endpoints keep them in
-    /// flight together; the default does them one by one, in order.
+    /// flight together, and may return before the last are answered (their
+    /// failures then come from a later call, [`Endpoint::settle`] or
+    /// [`Endpoint::flush`]); the memory of `ops` may be reused either way.
+    /// The default does them one by one, in order.
     fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
         for op in ops {
             match *op {
@@ -205,6 +208,12 @@ pub trait Endpoint: Send {
 
     /// Discard `[offset, offset + length)`; contents become unspecified.
     fn trim(&mut self, _offset: u64, _length: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Wait for the outcome of every write [`Endpoint::write_batch`] left
+    /// in flight, returning the first failure.
+    fn settle(&mut self) -> Result<()> {
         Ok(())
     }
 

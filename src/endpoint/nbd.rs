@@ -224,8 +224,12 @@ impl Endpoint for NbdEndpoint {
         self.dirty = true;
         let (r, q) = (self.opts.requests, self.opts.queue_size);
         self.client
-            .write_many(ops.iter().map(Self::write_cmd), r, q)
+            .send_writes(ops.iter().map(Self::write_cmd), r, q)
             .map_err(|e| self.ctx(e, "write"))
+    }
+
+    fn settle(&mut self) -> Result<()> {
+        self.client.settle().map_err(|e| self.ctx(e, "write"))
     }
 
     fn trim(&mut self, offset: u64, length: u64) -> Result<()> {

@@ -644,6 +644,11 @@ impl Endpoint for SubprocessEndpoint {
         self.note(r)
     }
 
+    fn settle(&mut self) -> Result<()> {
+        let r = self.inner.settle();
+        self.note(r)
+    }
+
     fn trim(&mut self, offset: u64, length: u64) -> Result<()> {
         let r = self.inner.trim(offset, length);
         self.note(r)

@@ -241,6 +241,9 @@ pub struct Client {
     extents: Vec<(u64, u32)>,
     /// Buffer for error chunk payloads and skipped block status chunks.
     scratch: Vec<u8>,
+    /// A payload still in flight was lent to the kernel, not copied: the
+    /// server may not have read it yet.
+    lent: bool,
 }
 
 impl Client {
@@ -293,6 +296,7 @@ impl Client {
             shutting_down: false,
             extents: Vec::new(),
             scratch: Vec::new(),
+            lent: false,
         }
     }
 
@@ -487,6 +491,7 @@ impl Client {
                 return socket.send_message(&mut slices);
             }
         };
+        self.lent = true;
         let mut w = socket;
         w.write_all(header)?;
         match pipe.send(socket.as_raw_fd(), payload) {
@@ -640,6 +645,9 @@ impl Client {
         let s = &mut self.slots[si];
         s.busy = false;
         self.in_flight -= 1;
+        if self.in_flight == 0 {
+            self.lent = false;
+        }
         let error = s.error.take();
         let (op, length, command) = (s.op, s.length, s.command);
         if error.is_none() {
@@ -1074,6 +1082,42 @@ impl Client {
     where
         I: IntoIterator<Item = WriteCmd<'a>>,
     {
+        self.write_commands(ops, max_in_flight, max_bytes_in_flight, true)
+    }
+
+    /// [`Client::write_many`], but once every request is sent it returns
+    /// without waiting for the last replies, unless a payload still in
+    /// flight was lent (then the server has not read it yet). Replies left
+    /// due are read by the next call, and [`Client::settle`] waits for
+    /// them; a server error among them is returned there. The payload
+    /// memory may be reused when this returns.
+    ///
+    /// A writer that waits for each batch's replies sleeps once a batch;
+    /// nbdkit memory to memory over TCP loopback (2 GiB, 8 alternating
+    /// rounds) took 1.22 s against 1.28 s, with a fifth fewer context
+    /// switches.
+    pub fn send_writes<'a, I>(
+        &mut self,
+        ops: I,
+        max_in_flight: usize,
+        max_bytes_in_flight: usize,
+    ) -> Result<()>
+    where
+        I: IntoIterator<Item = WriteCmd<'a>>,
+    {
+        self.write_commands(ops, max_in_flight, max_bytes_in_flight, false)
+    }
+
+    fn write_commands<'a, I>(
+        &mut self,
+        ops: I,
+        max_in_flight: usize,
+        max_bytes_in_flight: usize,
+        wait: bool,
+    ) -> Result<()>
+    where
+        I: IntoIterator<Item = WriteCmd<'a>>,
+    {
         self.check_alive("write")?;
         let max_in_flight = max_in_flight.max(1);
         let max_bytes = max_bytes_in_flight as u64;
@@ -1138,6 +1182,9 @@ impl Client {
             if self.in_flight == 0 {
                 break;
             }
+            if !wait && finished && first_error.is_none() && !self.lent {
+                return Ok(());
+            }
             if let Some(done) = self.receive(&mut none)? {
                 if done.command == NBD_CMD_WRITE {
                     bytes_in_flight = bytes_in_flight.saturating_sub(done.length.into());
@@ -1175,6 +1222,27 @@ impl Client {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Wait for every reply still due (see [`Client::send_writes`]);
+    /// returns the first server error among them.
+    pub fn settle(&mut self) -> Result<()> {
+        if self.in_flight == 0 {
+            return Ok(());
+        }
+        self.check_alive("write")?;
+        let mut none: [(u64, &mut [u8]); 0] = [];
+        let mut first_error = None;
+        while self.in_flight > 0 {
+            if let Some(done) = self.receive(&mut none)? {
+                if first_error.is_none() {
+                    first_error = done.error;
+                }
+            }
+        }
+        self.lent = false;
+        self.after_batch();
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Make completed writes durable (`NBD_CMD_FLUSH`); an `Unsupported`
     /// error if the server lacks it.
     pub fn flush(&mut self) -> Result<()> {
@@ -1185,6 +1253,8 @@ impl Client {
                 "server does not support flush",
             ));
         }
+        // A flush covers only the writes already answered.
+        self.settle()?;
         self.round_trip("flush", NBD_CMD_FLUSH, 0, 0, 0)
     }
 

@@ -681,3 +681,56 @@ fn error_offset_at_end_of_offset_range() {
     drop(client);
     server.join().unwrap();
 }
+
+/// `send_writes` returns once its requests are sent; the replies still
+/// due, and a failure among them, come out of `settle` (or a flush, which
+/// only covers answered writes), with the failing request's place.
+#[test]
+fn send_writes_leaves_replies_to_settle() {
+    let server = start(1 << 20, |c| c.fail_at = Some(70_000));
+    let mut c = connect(&server);
+    let good = pattern(4096, 3);
+    c.send_writes(
+        [
+            WriteCmd::Write {
+                offset: 0,
+                data: &good,
+            },
+            WriteCmd::Write {
+                offset: 69_632,
+                data: &good,
+            },
+        ],
+        4,
+        1 << 20,
+    )
+    .unwrap();
+    let e = c.settle().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Server);
+    assert!(
+        e.to_string()
+            .starts_with("fake: write at offset 69632 length 4096: "),
+        "{e}"
+    );
+    assert!(!c.is_dead());
+    // Nothing is left due, so settling again has nothing to report.
+    c.settle().unwrap();
+
+    // A flush first collects what is still due.
+    c.send_writes(
+        [WriteCmd::Write {
+            offset: 8192,
+            data: &good,
+        }],
+        4,
+        1 << 20,
+    )
+    .unwrap();
+    c.flush().unwrap();
+    let data = server.data();
+    assert_eq!(&data[..4096], &good[..]);
+    assert_eq!(&data[8192..12288], &good[..]);
+    let sent = server.requests();
+    let flush_at = sent.iter().position(|r| r.command == NBD_CMD_FLUSH);
+    assert_eq!(flush_at, Some(sent.len() - 1), "{sent:?}");
+}
