@@ -170,7 +170,6 @@ impl SubRequest {
 
 /// A request that got its final reply.
 struct Completed {
-    command: u16,
     length: u32,
     error: Option<Error>,
 }
@@ -244,6 +243,9 @@ pub struct Client {
     /// A payload still in flight was lent to the kernel, not copied: the
     /// server may not have read it yet.
     lent: bool,
+    /// Write payload bytes sent and not yet answered, including writes
+    /// [`Client::send_writes`] left in flight.
+    write_bytes_in_flight: u64,
 }
 
 impl Client {
@@ -297,6 +299,7 @@ impl Client {
             extents: Vec::new(),
             scratch: Vec::new(),
             lent: false,
+            write_bytes_in_flight: 0,
         }
     }
 
@@ -422,6 +425,8 @@ impl Client {
             s.error = None;
         }
         self.in_flight = 0;
+        self.write_bytes_in_flight = 0;
+        self.lent = false;
         e
     }
 
@@ -650,6 +655,10 @@ impl Client {
         }
         let error = s.error.take();
         let (op, length, command) = (s.op, s.length, s.command);
+        if command == NBD_CMD_WRITE {
+            self.write_bytes_in_flight =
+                self.write_bytes_in_flight.saturating_sub(u64::from(length));
+        }
         if error.is_none() {
             if command == NBD_CMD_READ && s.covered.as_slice() != [(0, length)] {
                 let got: u64 = s.covered.iter().map(|&(a, b)| u64::from(b - a)).sum();
@@ -667,11 +676,7 @@ impl Client {
                 return Err(self.protocol(op, "server sent no extents for base:allocation"));
             }
         }
-        Ok(Completed {
-            command,
-            length,
-            error,
-        })
+        Ok(Completed { length, error })
     }
 
     /// Read one reply message (a simple reply or one chunk) and act on it.
@@ -1123,7 +1128,6 @@ impl Client {
         let max_bytes = max_bytes_in_flight as u64;
         let mut ops = ops.into_iter();
         let mut current: Option<(WriteCmd<'a>, u64)> = None;
-        let mut bytes_in_flight = 0u64;
         let mut first_error: Option<Error> = None;
         let mut none: [(u64, &mut [u8]); 0] = [];
         let mut finished = false;
@@ -1167,14 +1171,14 @@ impl Client {
                     _ => &[],
                 };
                 let counted = payload.len() as u64;
-                if self.in_flight > 0 && bytes_in_flight + counted > max_bytes {
+                if self.in_flight > 0 && self.write_bytes_in_flight + counted > max_bytes {
                     break;
                 }
                 if self.in_flight > 0 && self.overlaps_in_flight(offset, length) {
                     break;
                 }
                 self.send(op, command, flags, offset, length, payload, 0, 0)?;
-                bytes_in_flight += counted;
+                self.write_bytes_in_flight += counted;
                 current = Some((cmd, done + u64::from(length)));
             }
             // The loop above only stops with nothing in flight when the
@@ -1186,9 +1190,6 @@ impl Client {
                 return Ok(());
             }
             if let Some(done) = self.receive(&mut none)? {
-                if done.command == NBD_CMD_WRITE {
-                    bytes_in_flight = bytes_in_flight.saturating_sub(done.length.into());
-                }
                 if first_error.is_none() {
                     first_error = done.error;
                 }

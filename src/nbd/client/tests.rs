@@ -734,3 +734,31 @@ fn send_writes_leaves_replies_to_settle() {
     let flush_at = sent.iter().position(|r| r.command == NBD_CMD_FLUSH);
     assert_eq!(flush_at, Some(sent.len() - 1), "{sent:?}");
 }
+
+/// The payload bound holds across `send_writes` calls: writes a previous
+/// call left in flight count, so a third 4 KiB write under an 8 KiB bound
+/// waits for a reply. (The fake server holds replies back until the
+/// client pauses, so without the bound all three would be pending.)
+#[test]
+fn send_writes_bounds_bytes_left_in_flight_by_earlier_calls() {
+    let server = start(1 << 20, |c| c.reorder = true);
+    let mut c = connect(&server);
+    let data = pattern(4096, 5);
+    for i in 0..3u64 {
+        c.send_writes(
+            [WriteCmd::Write {
+                offset: i * 4096,
+                data: &data,
+            }],
+            64,
+            8192,
+        )
+        .unwrap();
+    }
+    c.settle().unwrap();
+    assert_eq!(server.max_pending(), 2);
+    let stored = server.data();
+    for i in 0..3 {
+        assert_eq!(&stored[i * 4096..(i + 1) * 4096], &data[..]);
+    }
+}
