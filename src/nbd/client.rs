@@ -1087,7 +1087,8 @@ impl Client {
     where
         I: IntoIterator<Item = WriteCmd<'a>>,
     {
-        self.write_commands(ops, max_in_flight, max_bytes_in_flight, true)
+        self.send_writes(ops, max_in_flight, max_bytes_in_flight)?;
+        self.settle()
     }
 
     /// [`Client::write_many`], but once every request is sent it returns
@@ -1106,19 +1107,6 @@ impl Client {
         ops: I,
         max_in_flight: usize,
         max_bytes_in_flight: usize,
-    ) -> Result<()>
-    where
-        I: IntoIterator<Item = WriteCmd<'a>>,
-    {
-        self.write_commands(ops, max_in_flight, max_bytes_in_flight, false)
-    }
-
-    fn write_commands<'a, I>(
-        &mut self,
-        ops: I,
-        max_in_flight: usize,
-        max_bytes_in_flight: usize,
-        wait: bool,
     ) -> Result<()>
     where
         I: IntoIterator<Item = WriteCmd<'a>>,
@@ -1186,7 +1174,7 @@ impl Client {
             if self.in_flight == 0 {
                 break;
             }
-            if !wait && finished && first_error.is_none() && !self.lent {
+            if finished && first_error.is_none() && !self.lent {
                 return Ok(());
             }
             if let Some(done) = self.receive(&mut none)? {
@@ -1210,21 +1198,12 @@ impl Client {
     ) -> Result<()> {
         self.check_alive(op)?;
         self.send(op, command, flags, offset, length, &[], 0, 0)?;
-        let mut none: [(u64, &mut [u8]); 0] = [];
-        let mut first_error = None;
-        while self.in_flight > 0 {
-            if let Some(done) = self.receive(&mut none)? {
-                if first_error.is_none() {
-                    first_error = done.error;
-                }
-            }
-        }
-        self.after_batch();
-        first_error.map_or(Ok(()), Err)
+        self.settle()
     }
 
     /// Wait for every reply still due (see [`Client::send_writes`]);
-    /// returns the first server error among them.
+    /// returns the first server error among them. Reads are never left in
+    /// flight, so no reply read here carries data.
     pub fn settle(&mut self) -> Result<()> {
         if self.in_flight == 0 {
             return Ok(());
@@ -1239,7 +1218,6 @@ impl Client {
                 }
             }
         }
-        self.lent = false;
         self.after_batch();
         first_error.map_or(Ok(()), Err)
     }
