@@ -15,9 +15,10 @@ use crate::nbd::wire::NBD_STATE_ZERO;
 /// The longest an extra connection may take to be greeted before nbdcp
 /// carries on with the connections it has.
 const EXTRA_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
-/// The shortest such wait: the first connection's handshake times this
-/// factor decides in between.
+/// The shortest such wait.
 const EXTRA_CONNECTION_MIN_WAIT: Duration = Duration::from_millis(100);
+/// Between those two bounds, the wait is the first connection's handshake
+/// time multiplied by this.
 const EXTRA_CONNECTION_FACTOR: u32 = 20;
 /// Batch size for a TCP connection. Measured on 2 cores, nbdkit memory to
 /// nbdkit memory over 127.0.0.1 (2 GiB, 5 alternating rounds): 512 KiB
