@@ -31,5 +31,8 @@ if ((${#missing[@]})); then
 fi
 
 cargo fmt --all -- --check
-cargo clippy --all-targets --quiet -- -D warnings
-cargo test --quiet 2>&1
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+cargo test --workspace --quiet 2>&1
+# The fuzz crate replays its seed corpus and past findings (no libFuzzer).
+(cd fuzz && cargo test --quiet 2>&1)

@@ -32,9 +32,9 @@ pub mod cli;
 pub mod copy;
 pub mod endpoint;
 pub mod error;
-pub mod nbd;
+
 pub mod signals;
 
 pub use copy::{CancelToken, CopyOptions, CopyStats, Progress, copy};
 pub use endpoint::EndpointSpec;
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Operation, Result};

@@ -15,10 +15,10 @@ use std::sync::Once;
 use std::thread;
 use std::time::Duration;
 
-use nbdcp::ErrorKind;
-use nbdcp::nbd::handshake::negotiate;
-use nbdcp::nbd::wire::*;
-use nbdcp::nbd::{Client, NbdUri, Transport, WriteCmd};
+use nbdcp_nbd::ErrorKind;
+use nbdcp_nbd::handshake::negotiate;
+use nbdcp_nbd::wire::*;
+use nbdcp_nbd::{Client, NbdUri, Transport, WriteCmd};
 
 pub mod seeds;
 
@@ -46,7 +46,7 @@ fn check_sanitized(s: &str) {
 // ---------------------------------------------------------------------------
 // wire_decoders
 
-/// Feed `data` to every decoder in `nbdcp::nbd::wire`. Whatever decodes
+/// Feed `data` to every decoder in `nbdcp_nbd::wire`. Whatever decodes
 /// must re-encode to the bytes it came from (for the variable-length
 /// payloads, to the whole input, since they refuse trailing bytes).
 pub fn wire_decoders(data: &[u8]) {
@@ -423,7 +423,7 @@ fn ignore_sigpipe() {
 
 /// Fail on the one error that means the client waited for bytes that a
 /// server which already hung up can never send.
-fn check_not_hung<T>(r: &nbdcp::Result<T>) {
+fn check_not_hung<T>(r: &nbdcp_nbd::Result<T>) {
     show(r);
     if let Err(e) = r {
         assert!(e.kind() != ErrorKind::Timeout, "client hung: {e}");
@@ -439,7 +439,7 @@ fn check_not_hung<T>(r: &nbdcp::Result<T>) {
     }
 }
 
-fn read(client: &mut Client, cfg: &RepliesConfig, base: u64) -> nbdcp::Result<()> {
+fn read(client: &mut Client, cfg: &RepliesConfig, base: u64) -> nbdcp_nbd::Result<()> {
     let len = cfg.request_len();
     let mut bufs: Vec<Vec<u8>> = (0..cfg.count()).map(|_| vec![0u8; len]).collect();
     let mut reqs: Vec<(u64, &mut [u8])> = bufs
@@ -452,7 +452,7 @@ fn read(client: &mut Client, cfg: &RepliesConfig, base: u64) -> nbdcp::Result<()
     r
 }
 
-fn block_status(client: &mut Client, cfg: &RepliesConfig, base: u64) -> nbdcp::Result<()> {
+fn block_status(client: &mut Client, cfg: &RepliesConfig, base: u64) -> nbdcp_nbd::Result<()> {
     let length = (cfg.request_len() * cfg.count()) as u64;
     let r = client.block_status(base, length);
     check_not_hung(&r);
@@ -463,7 +463,7 @@ fn block_status(client: &mut Client, cfg: &RepliesConfig, base: u64) -> nbdcp::R
     Ok(())
 }
 
-fn write(client: &mut Client, cfg: &RepliesConfig) -> nbdcp::Result<()> {
+fn write(client: &mut Client, cfg: &RepliesConfig) -> nbdcp_nbd::Result<()> {
     let len = cfg.request_len();
     let data = vec![0xa5u8; len.min(MAX_WRITE)];
     let mut ops: Vec<WriteCmd<'_>> = (0..cfg.count())
@@ -488,7 +488,7 @@ fn write(client: &mut Client, cfg: &RepliesConfig) -> nbdcp::Result<()> {
     r
 }
 
-fn flush(client: &mut Client) -> nbdcp::Result<()> {
+fn flush(client: &mut Client) -> nbdcp_nbd::Result<()> {
     let r = client.flush();
     check_not_hung(&r);
     r

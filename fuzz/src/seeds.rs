@@ -3,7 +3,7 @@
 //! classic ways servers go wrong. `examples/gen_seeds.rs` writes them out
 //! for libFuzzer; the tests replay them directly.
 
-use nbdcp::nbd::wire::*;
+use nbdcp_nbd::wire::*;
 
 use crate::{Op, REPLIES_CONFIG_LEN, RepliesConfig, option_reply};
 

@@ -5,7 +5,7 @@
 //! pipe gives nothing to run in parallel, so one thread does it all.
 
 use crate::endpoint::{Endpoint, Extent, ExtentKind};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Operation, Result};
 
 use super::batch::{Batch, Cursor};
 use super::worker::{Shared, write_batch};
@@ -50,7 +50,7 @@ pub(crate) fn copy(
                         format!("destination is too small: {size} bytes, the source is longer"),
                     )
                     .with_endpoint(destination.name())
-                    .with_operation("write")
+                    .with_operation(Operation::Write)
                     .at(offset, got));
                 }
             }

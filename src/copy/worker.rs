@@ -418,7 +418,7 @@ mod tests {
                 counter.store(left - 1, Ordering::SeqCst);
                 return Err(Error::io(
                     "flaky",
-                    "read",
+                    crate::error::Operation::Read,
                     std::io::Error::from(std::io::ErrorKind::ConnectionReset),
                 ));
             }

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::{BlockSize, Capabilities, Endpoint, Extent, ExtentKind};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Operation, Result};
 
 /// Zero bytes written when a file or device cannot zero a range itself.
 const ZERO_BUF_LEN: usize = 1024 * 1024;
@@ -44,7 +44,7 @@ pub struct FileEndpoint {
 impl FileEndpoint {
     /// Open `path` for reading.
     pub fn open_source(name: &str, path: &Path) -> Result<FileEndpoint> {
-        let file = File::open(path).map_err(|e| Error::io(name, "open", e))?;
+        let file = File::open(path).map_err(|e| Error::io(name, Operation::Open, e))?;
         FileEndpoint::from_file(name, file, false, false)
     }
 
@@ -62,7 +62,7 @@ impl FileEndpoint {
             if m.is_dir() {
                 return Err(Error::new(ErrorKind::Usage, "is a directory")
                     .with_endpoint(name)
-                    .with_operation("open"));
+                    .with_operation(Operation::Open));
             }
         }
         let file = if is_block {
@@ -75,7 +75,7 @@ impl FileEndpoint {
                 .mode(0o644)
                 .open(path)
         }
-        .map_err(|e| Error::io(name, "open", e))?;
+        .map_err(|e| Error::io(name, Operation::Open, e))?;
         let mut ep = FileEndpoint::from_file(name, file, true, !is_block)?;
         if ep.kind == Kind::Regular {
             ep.resize_to(source_size.unwrap_or(0))?;
@@ -88,20 +88,22 @@ impl FileEndpoint {
     /// redirected from a file). `fresh` says it reads as zeroes and its
     /// size is nbdcp's to set.
     pub fn from_file(name: &str, file: File, writable: bool, fresh: bool) -> Result<FileEndpoint> {
-        let meta = file.metadata().map_err(|e| Error::io(name, "stat", e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(name, Operation::Stat, e))?;
         let ft = meta.file_type();
         let (kind, size, sector) = if ft.is_file() {
             (Kind::Regular, meta.len(), 1)
         } else if ft.is_block_device() {
             (
                 Kind::Block,
-                block_device_size(&file).map_err(|e| Error::io(name, "get size", e))?,
+                block_device_size(&file).map_err(|e| Error::io(name, Operation::GetSize, e))?,
                 1,
             )
         } else if ft.is_dir() {
             return Err(Error::new(ErrorKind::Usage, "is a directory")
                 .with_endpoint(name)
-                .with_operation("open"));
+                .with_operation(Operation::Open));
         } else {
             return Err(
                 Error::new(ErrorKind::Usage, "not a regular file or block device")
@@ -312,9 +314,9 @@ impl Endpoint for FileEndpoint {
                     "unexpected end of file (did the file shrink?)",
                 )
                 .with_endpoint(&self.name)
-                .with_operation("read")
+                .with_operation(Operation::Read)
             } else {
-                Error::io(&self.name, "read", e)
+                Error::io(&self.name, Operation::Read, e)
             };
             e.at(offset, buf.len() as u64)
         })
@@ -323,12 +325,12 @@ impl Endpoint for FileEndpoint {
     fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
         self.file
             .write_all_at(data, offset)
-            .map_err(|e| Error::io(&self.name, "write", e).at(offset, data.len() as u64))
+            .map_err(|e| Error::io(&self.name, Operation::Write, e).at(offset, data.len() as u64))
     }
 
     fn zero(&mut self, offset: u64, length: u64, allocate: bool) -> Result<()> {
         self.zero_range(offset, length, allocate)
-            .map_err(|e| Error::io(&self.name, "zero", e).at(offset, length))
+            .map_err(|e| Error::io(&self.name, Operation::Zero, e).at(offset, length))
     }
 
     fn trim(&mut self, offset: u64, length: u64) -> Result<()> {
@@ -338,7 +340,7 @@ impl Endpoint for FileEndpoint {
     fn flush(&mut self) -> Result<()> {
         self.file
             .sync_data()
-            .map_err(|e| Error::io(&self.name, "flush", e))
+            .map_err(|e| Error::io(&self.name, Operation::Flush, e))
     }
 
     fn extents(&mut self, offset: u64, length: u64) -> Result<Vec<Extent>> {
@@ -357,7 +359,7 @@ impl Endpoint for FileEndpoint {
             Ok(_) => Ok(all_data()),
             // File systems without SEEK_DATA: everything is data.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(all_data()),
-            Err(e) => Err(Error::io(&self.name, "find holes", e).at(offset, length)),
+            Err(e) => Err(Error::io(&self.name, Operation::FindHoles, e).at(offset, length)),
         }
     }
 
@@ -382,11 +384,11 @@ impl Endpoint for FileEndpoint {
                     format!("size {size} is too large for a file"),
                 )
                 .with_endpoint(&self.name)
-                .with_operation("resize"));
+                .with_operation(Operation::Resize));
             }
             self.file
                 .set_len(size)
-                .map_err(|e| Error::io(&self.name, "resize", e).at_offset(size))?;
+                .map_err(|e| Error::io(&self.name, Operation::Resize, e).at_offset(size))?;
             self.size = size;
         }
         Ok(())

@@ -49,26 +49,10 @@ impl Extent {
     }
 }
 
-/// Size constraints an endpoint places on requests, in bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BlockSize {
-    /// Offsets and lengths must be multiples of this (1 = no constraint).
-    pub minimum: u32,
-    /// Requests of this size and alignment are handled best.
-    pub preferred: u32,
-    /// No single request may be larger than this.
-    pub maximum: u32,
-}
-
-impl Default for BlockSize {
-    fn default() -> Self {
-        BlockSize {
-            minimum: 1,
-            preferred: 4096,
-            maximum: 32 * 1024 * 1024,
-        }
-    }
-}
+/// Size constraints an endpoint places on requests, in bytes (the NBD
+/// crate's type: NBD servers state them, and other kinds fit the same
+/// three numbers).
+pub use ::nbd::BlockSize;
 
 /// What an endpoint can do, learnt when it is opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -7,10 +7,10 @@
 use std::time::{Duration, Instant};
 
 use super::{BlockSize, Capabilities, Endpoint, Extent, ExtentKind, ReadOp, WriteOp};
-use crate::error::{Error, ErrorKind, Result};
-use crate::nbd::client::{Client, ClientOptions, WriteCmd};
-use crate::nbd::uri::NbdUri;
-use crate::nbd::wire::NBD_STATE_ZERO;
+use crate::error::{Error, ErrorKind, Operation, Result};
+use nbd::client::{Client, ClientOptions, WriteCmd};
+use nbd::uri::NbdUri;
+use nbd::wire::NBD_STATE_ZERO;
 
 /// The longest an extra connection may take to be greeted before nbdcp
 /// carries on with the connections it has.
@@ -62,6 +62,16 @@ impl Default for NbdOptions {
     }
 }
 
+impl nbd::ReadRequest for ReadOp<'_> {
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    fn buffer(&mut self) -> &mut [u8] {
+        self.buf
+    }
+}
+
 /// One connection to an NBD server, as an [`Endpoint`].
 #[derive(Debug)]
 pub struct NbdEndpoint {
@@ -88,15 +98,18 @@ impl NbdEndpoint {
             timeout: opts.timeout,
         };
         let started = Instant::now();
-        let mut client = Client::connect(uri, &copts)
-            .map_err(|e| e.with_endpoint(name).with_operation("connect"))?;
+        let mut client = Client::connect(uri, &copts).map_err(|e| {
+            Error::from(e)
+                .with_endpoint(name)
+                .with_operation(Operation::Connect)
+        })?;
         let handshake_time = started.elapsed();
         if opts.writable && client.read_only() {
             let _ = client.disconnect();
             return Err(
                 Error::new(ErrorKind::Unsupported, "the export is read-only")
                     .with_endpoint(name)
-                    .with_operation("connect"),
+                    .with_operation(Operation::Connect),
             );
         }
         Ok(NbdEndpoint {
@@ -125,8 +138,8 @@ impl NbdEndpoint {
         &mut self.client
     }
 
-    fn ctx(&self, e: Error, op: &'static str) -> Error {
-        e.with_endpoint(&self.name).with_operation(op)
+    fn ctx(&self, e: nbd::Error, op: Operation) -> Error {
+        Error::from(e).with_endpoint(&self.name).with_operation(op)
     }
 
     fn write_cmd<'a>(op: &WriteOp<'a>) -> WriteCmd<'a> {
@@ -189,14 +202,14 @@ impl Endpoint for NbdEndpoint {
         let (r, q) = (self.opts.requests, self.opts.queue_size);
         self.client
             .read_many(&mut one, r, q)
-            .map_err(|e| self.ctx(e, "read"))
+            .map_err(|e| self.ctx(e, Operation::Read))
     }
 
     fn read_batch(&mut self, ops: &mut [ReadOp<'_>]) -> Result<()> {
         let (r, q) = (self.opts.requests, self.opts.queue_size);
         self.client
             .read_many(ops, r, q)
-            .map_err(|e| self.ctx(e, "read"))
+            .map_err(|e| self.ctx(e, Operation::Read))
     }
 
     fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
@@ -204,7 +217,7 @@ impl Endpoint for NbdEndpoint {
         let (r, q) = (self.opts.requests, self.opts.queue_size);
         self.client
             .write_many(std::iter::once(WriteCmd::Write { offset, data }), r, q)
-            .map_err(|e| self.ctx(e, "write"))
+            .map_err(|e| self.ctx(e, Operation::Write))
     }
 
     fn zero(&mut self, offset: u64, length: u64, allocate: bool) -> Result<()> {
@@ -218,7 +231,7 @@ impl Endpoint for NbdEndpoint {
         };
         self.client
             .write_many(std::iter::once(cmd), r, q)
-            .map_err(|e| self.ctx(e, "zero"))
+            .map_err(|e| self.ctx(e, Operation::Zero))
     }
 
     fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
@@ -226,11 +239,13 @@ impl Endpoint for NbdEndpoint {
         let (r, q) = (self.opts.requests, self.opts.queue_size);
         self.client
             .send_writes(ops.iter().map(Self::write_cmd), r, q)
-            .map_err(|e| self.ctx(e, "write"))
+            .map_err(|e| self.ctx(e, Operation::Write))
     }
 
     fn settle(&mut self) -> Result<()> {
-        self.client.settle().map_err(|e| self.ctx(e, "write"))
+        self.client
+            .settle()
+            .map_err(|e| self.ctx(e, Operation::Write))
     }
 
     fn trim(&mut self, offset: u64, length: u64) -> Result<()> {
@@ -241,7 +256,7 @@ impl Endpoint for NbdEndpoint {
         let (r, q) = (self.opts.requests, self.opts.queue_size);
         self.client
             .write_many(std::iter::once(WriteCmd::Trim { offset, length }), r, q)
-            .map_err(|e| self.ctx(e, "trim"))
+            .map_err(|e| self.ctx(e, Operation::Trim))
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -262,7 +277,7 @@ impl Endpoint for NbdEndpoint {
                 log::debug!("{}: flush on an idle connection: {e}", self.name);
                 Ok(())
             }
-            Err(e) => Err(self.ctx(e, "flush")),
+            Err(e) => Err(self.ctx(e, Operation::Flush)),
         }
     }
 
@@ -306,14 +321,15 @@ impl Endpoint for NbdEndpoint {
             }
             // The server could not tell: copying everything is slower but
             // still right, so this is not worth failing the copy over.
-            Err(e) if e.kind() == ErrorKind::Server => {
+            Err(e) if e.kind() == nbd::ErrorKind::Server => {
                 if !self.warned_extents {
                     self.warned_extents = true;
+                    let e = self.ctx(e, Operation::BlockStatus);
                     log::warn!("{e}; copying without extent information");
                 }
                 Ok(all_data())
             }
-            Err(e) => Err(self.ctx(e, "block status").at(offset, len)),
+            Err(e) => Err(self.ctx(e, Operation::BlockStatus).at(offset, len)),
         }
     }
 
@@ -361,7 +377,7 @@ impl Endpoint for NbdEndpoint {
                 ),
             )
             .with_endpoint(&self.name)
-            .with_operation("reconnect"));
+            .with_operation(Operation::Reconnect));
         }
         self.client = fresh.client;
         // Whatever the old connection wrote is redone on this one.
@@ -378,15 +394,15 @@ impl Endpoint for NbdEndpoint {
                 log::debug!("{}: disconnect: {e}", self.name);
                 Ok(())
             }
-            Err(e) => Err(self.ctx(e, "disconnect")),
+            Err(e) => Err(self.ctx(e, Operation::Disconnect)),
         }
     }
 }
 
 /// The connection failed or stalled (as opposed to the server answering
 /// with an error, or breaking the protocol).
-fn is_transport(e: &Error) -> bool {
-    matches!(e.kind(), ErrorKind::Io | ErrorKind::Timeout)
+fn is_transport(e: &nbd::Error) -> bool {
+    matches!(e.kind(), nbd::ErrorKind::Io | nbd::ErrorKind::Timeout)
 }
 
 /// How long to wait for an extra connection's greeting, given how long
@@ -400,7 +416,7 @@ fn extra_connection_wait(first_handshake: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nbd::client::tests_support::FakeServer;
+    use nbd::testkit::FakeServer;
 
     #[test]
     fn extra_connection_wait_scales_with_the_first_handshake() {
@@ -598,8 +614,8 @@ mod tests {
         dir: &std::path::Path,
         writes: usize,
     ) -> (NbdUri, std::thread::JoinHandle<()>) {
-        use crate::nbd::handshake::tests::Peer;
-        use crate::nbd::wire::*;
+        use nbd::testkit::Peer;
+        use nbd::wire::*;
         use std::io::{Read, Write};
         let path = dir.join("s.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();

@@ -10,8 +10,8 @@ use super::nbd::{NbdEndpoint, NbdOptions};
 use super::null::NullEndpoint;
 use super::stream;
 use super::subprocess;
-use crate::error::{Error, ErrorKind, Result};
-use crate::nbd::uri::NbdUri;
+use crate::error::{Error, ErrorKind, Operation, Result};
+use nbd::uri::NbdUri;
 
 /// URI schemes that name an NBD server.
 const NBD_SCHEMES: &[&str] = &[
@@ -156,7 +156,9 @@ fn open_path(
             Some(_) => opts.write(true),
             None => opts.read(true),
         };
-        let file = opts.open(path).map_err(|e| Error::io(name, "open", e))?;
+        let file = opts
+            .open(path)
+            .map_err(|e| Error::io(name, Operation::Open, e))?;
         return Ok(stream::from_file(name, file, destination.is_some()));
     }
     Ok(match destination {
@@ -166,7 +168,7 @@ fn open_path(
 }
 
 fn connect_nbd(uri: &str, writable: bool, options: &OpenOptions) -> Result<Box<dyn Endpoint>> {
-    let parsed = NbdUri::parse(uri).map_err(|e| e.with_endpoint(uri))?;
+    let parsed = NbdUri::parse(uri).map_err(|e| Error::from(e).with_endpoint(uri))?;
     Ok(Box::new(NbdEndpoint::connect(
         uri,
         &parsed,

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use super::file::FileEndpoint;
 use super::{Capabilities, Endpoint};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Operation, Result};
 
 /// The name streams go by in messages.
 const NAME: &str = "-";
@@ -27,7 +27,7 @@ pub fn open_stdin() -> Result<Box<dyn Endpoint>> {
     let fd = io::stdin()
         .as_fd()
         .try_clone_to_owned()
-        .map_err(|e| Error::io(NAME, "open", e))?;
+        .map_err(|e| Error::io(NAME, Operation::Open, e))?;
     let file = File::from(fd);
     if is_regular(&file) {
         return Ok(Box::new(FileEndpoint::from_file(NAME, file, false, false)?));
@@ -49,7 +49,7 @@ pub fn open_stdout(source_size: Option<u64>) -> Result<Box<dyn Endpoint>> {
     let fd = stdout
         .as_fd()
         .try_clone_to_owned()
-        .map_err(|e| Error::io(NAME, "open", e))?;
+        .map_err(|e| Error::io(NAME, Operation::Open, e))?;
     let file = File::from(fd);
     // SAFETY: F_GETFL only reads the descriptor's flags.
     let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
@@ -59,12 +59,12 @@ pub fn open_stdout(source_size: Option<u64>) -> Result<Box<dyn Endpoint>> {
         // source and gets zeroes written where the source has holes.
         let len = file
             .metadata()
-            .map_err(|e| Error::io(NAME, "stat", e))?
+            .map_err(|e| Error::io(NAME, Operation::Stat, e))?
             .len();
         let size = source_size.unwrap_or(0);
         if len < size {
             file.set_len(size)
-                .map_err(|e| Error::io(NAME, "resize", e).at_offset(size))?;
+                .map_err(|e| Error::io(NAME, Operation::Resize, e).at_offset(size))?;
         }
         return Ok(Box::new(FileEndpoint::from_file(
             NAME,
@@ -119,7 +119,7 @@ pub struct StreamEndpoint {
 }
 
 impl StreamEndpoint {
-    fn out_of_order(&self, op: &'static str, offset: u64) -> Error {
+    fn out_of_order(&self, op: Operation, offset: u64) -> Error {
         Error::new(
             ErrorKind::Unsupported,
             format!(
@@ -132,7 +132,7 @@ impl StreamEndpoint {
         .at_offset(offset)
     }
 
-    fn write_all(&mut self, data: &[u8], offset: u64, op: &'static str) -> Result<()> {
+    fn write_all(&mut self, data: &[u8], offset: u64, op: Operation) -> Result<()> {
         if offset != self.position {
             return Err(self.out_of_order(op, offset));
         }
@@ -168,7 +168,7 @@ impl Endpoint for StreamEndpoint {
         if n < buf.len() {
             return Err(Error::new(ErrorKind::Io, "unexpected end of input")
                 .with_endpoint(&self.name)
-                .with_operation("read")
+                .with_operation(Operation::Read)
                 .at(offset + n as u64, (buf.len() - n) as u64));
         }
         Ok(())
@@ -176,7 +176,7 @@ impl Endpoint for StreamEndpoint {
 
     fn read_stream(&mut self, buf: &mut [u8], offset: u64) -> Result<usize> {
         if offset != self.position {
-            return Err(self.out_of_order("read", offset));
+            return Err(self.out_of_order(Operation::Read, offset));
         }
         let mut filled = 0;
         while filled < buf.len() {
@@ -185,7 +185,7 @@ impl Endpoint for StreamEndpoint {
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    return Err(Error::io(&self.name, "read", e)
+                    return Err(Error::io(&self.name, Operation::Read, e)
                         .at(offset + filled as u64, (buf.len() - filled) as u64));
                 }
             }
@@ -195,14 +195,14 @@ impl Endpoint for StreamEndpoint {
     }
 
     fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
-        self.write_all(data, offset, "write")
+        self.write_all(data, offset, Operation::Write)
     }
 
     fn zero(&mut self, offset: u64, length: u64, _allocate: bool) -> Result<()> {
         let mut done = 0;
         while done < length {
             let n = (length - done).min(ZEROES.len() as u64) as usize;
-            self.write_all(&ZEROES[..n], offset + done, "zero")?;
+            self.write_all(&ZEROES[..n], offset + done, Operation::Zero)?;
             done += n as u64;
         }
         Ok(())

@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use crate::endpoint::nbd::{NbdEndpoint, NbdOptions};
 use crate::endpoint::{BlockSize, Capabilities, Endpoint, Extent, ReadOp, WriteOp};
-use crate::error::{Error, ErrorKind, Result};
-use crate::nbd::uri::NbdUri;
+use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::signals;
+use nbd::uri::NbdUri;
 
 /// How long [`ServerProcess`]'s drop waits after SIGTERM before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
@@ -128,7 +128,7 @@ impl ServerProcess {
         let stderr = io::stderr()
             .as_fd()
             .try_clone_to_owned()
-            .map_err(|e| Error::io("stderr", "duplicate", e))?;
+            .map_err(|e| Error::io("stderr", Operation::Duplicate, e))?;
 
         let mut cmd = Command::new(program);
         cmd.args(&argv[1..])

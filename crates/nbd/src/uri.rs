@@ -48,7 +48,7 @@ pub struct NbdUri {
 impl NbdUri {
     /// Parse an NBD URI.
     ///
-    /// Errors are [`ErrorKind::Usage`] naming what is wrong, except TLS and
+    /// Errors are [`ErrorKind::InvalidInput`] naming what is wrong, except TLS and
     /// vsock URIs, which are [`ErrorKind::Unsupported`].
     pub fn parse(s: &str) -> Result<NbdUri> {
         parse(s).map_err(|e| {
@@ -148,7 +148,7 @@ impl fmt::Display for NbdUri {
 }
 
 fn usage(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::Usage, msg)
+    Error::new(ErrorKind::InvalidInput, msg)
 }
 
 fn unsupported(msg: impl Into<String>) -> Error {
@@ -417,9 +417,9 @@ mod tests {
             NbdUri::parse("nbd://[fe80::1%25eth0]/").unwrap(),
             tcp("fe80::1%eth0", 10809, "")
         );
-        assert_eq!(kind_of("nbd://[::1/x"), ErrorKind::Usage);
-        assert_eq!(kind_of("nbd://[::1]x/"), ErrorKind::Usage);
-        assert_eq!(kind_of("nbd://[]/"), ErrorKind::Usage);
+        assert_eq!(kind_of("nbd://[::1/x"), ErrorKind::InvalidInput);
+        assert_eq!(kind_of("nbd://[::1]x/"), ErrorKind::InvalidInput);
+        assert_eq!(kind_of("nbd://[]/"), ErrorKind::InvalidInput);
     }
 
     #[test]
@@ -487,12 +487,12 @@ mod tests {
         ];
         for (s, want) in cases {
             let e = NbdUri::parse(s).unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::Usage, "{s}");
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{s}");
             assert!(e.to_string().contains(want), "{s}: {e}");
             assert!(e.to_string().contains(s), "{s}: {e}");
         }
         let long = format!("nbd://host/{}", "x".repeat(MAX_EXPORT_NAME + 1));
-        assert_eq!(kind_of(&long), ErrorKind::Usage);
+        assert_eq!(kind_of(&long), ErrorKind::InvalidInput);
     }
 
     #[test]

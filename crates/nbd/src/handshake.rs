@@ -9,8 +9,8 @@
 use std::io::{self, Read, Write};
 
 use super::wire::*;
-use crate::endpoint::BlockSize;
-use crate::error::{Error, ErrorKind, Result};
+use crate::block_size::BlockSize;
+use crate::error::{Error, ErrorKind, Operation, Result};
 
 /// What the handshake settled.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,7 +28,7 @@ pub struct Negotiated {
     pub base_allocation: Option<u32>,
 }
 
-const OP: &str = "handshake";
+const OP: Operation = Operation::Handshake;
 
 /// Most bytes a server may send during the handshake. A real one sends a
 /// few hundred; the bound stops a server that sends valid replies for ever
@@ -57,9 +57,7 @@ fn describe_garbage(bytes: &[u8]) -> String {
 
 impl<S: Read + Write> Negotiator<'_, S> {
     fn fail(&self, kind: ErrorKind, msg: impl Into<String>) -> Error {
-        Error::new(kind, msg)
-            .with_endpoint(self.name)
-            .with_operation(OP)
+        Error::new(kind, msg).during(OP)
     }
 
     fn proto(&self, msg: impl Into<String>) -> Error {
@@ -67,7 +65,7 @@ impl<S: Read + Write> Negotiator<'_, S> {
     }
 
     fn wire(&self, e: WireError) -> Error {
-        self.proto(e.to_string())
+        Error::wire(OP, e)
     }
 
     fn io(&self, e: io::Error) -> Error {
@@ -79,7 +77,7 @@ impl<S: Read + Write> Negotiator<'_, S> {
         } else {
             e
         };
-        Error::io(self.name, OP, e)
+        Error::io(OP, e)
     }
 
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
@@ -99,7 +97,7 @@ impl<S: Read + Write> Negotiator<'_, S> {
 
     fn send_option(&mut self, option: u32, data: &[u8]) -> Result<()> {
         let length = u32::try_from(data.len())
-            .map_err(|_| self.fail(ErrorKind::Usage, "option data too long"))?;
+            .map_err(|_| self.fail(ErrorKind::InvalidInput, "option data too long"))?;
         let mut msg = Vec::with_capacity(OPTION_HEADER_LEN + data.len());
         msg.extend_from_slice(&OptionHeader { option, length }.encode());
         msg.extend_from_slice(data);
@@ -240,7 +238,7 @@ impl<S: Read + Write> Negotiator<'_, S> {
 
     fn base_allocation(&mut self) -> Result<Option<u32>> {
         let data = encode_meta_context_payload(self.export, &[BASE_ALLOCATION])
-            .map_err(|e| self.fail(ErrorKind::Usage, e.to_string()))?;
+            .map_err(|e| self.fail(ErrorKind::InvalidInput, e.to_string()))?;
         self.send_option(NBD_OPT_SET_META_CONTEXT, &data)?;
         let mut found = None;
         loop {
@@ -285,7 +283,7 @@ impl<S: Read + Write> Negotiator<'_, S> {
     /// `NBD_OPT_GO`; `Ok(None)` if the server does not know the option.
     fn go(&mut self) -> Result<Option<(u64, u16, Option<BlockSize>)>> {
         let data = encode_go_payload(self.export, &[NBD_INFO_BLOCK_SIZE])
-            .map_err(|e| self.fail(ErrorKind::Usage, e.to_string()))?;
+            .map_err(|e| self.fail(ErrorKind::InvalidInput, e.to_string()))?;
         self.send_option(NBD_OPT_GO, &data)?;
         let mut export = None;
         let mut block_size = None;
@@ -343,7 +341,7 @@ impl<S: Read + Write> Negotiator<'_, S> {
     fn export_name(&mut self, no_zeroes: bool) -> Result<(u64, u16)> {
         let name_len = self.export.len();
         if name_len > MAX_STRING {
-            return Err(self.fail(ErrorKind::Usage, "export name too long"));
+            return Err(self.fail(ErrorKind::InvalidInput, "export name too long"));
         }
         let export = self.export.as_bytes().to_vec();
         self.send_option(NBD_OPT_EXPORT_NAME, &export)?;
@@ -406,8 +404,8 @@ pub fn validate_block_size(name: &str, min: u32, pref: u32, max: u32) -> Option<
     }
 }
 
-/// Run the handshake on a freshly connected stream for `export`. `name` is
-/// the endpoint name used in errors.
+/// Run the handshake on a freshly connected stream for `export`. `name`
+/// names the server in log messages.
 pub fn negotiate<S: Read + Write>(stream: &mut S, export: &str, name: &str) -> Result<Negotiated> {
     let mut n = Negotiator {
         stream,
@@ -449,76 +447,11 @@ pub fn negotiate<S: Read + Write>(stream: &mut S, export: &str, name: &str) -> R
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::testkit::Peer;
     use std::os::unix::net::UnixStream;
     use std::thread;
-
-    /// Helpers for a test thread playing the server.
-    pub(crate) struct Peer(pub UnixStream);
-
-    impl Peer {
-        pub fn greet(&mut self, flags: u16) {
-            self.0.write_all(&Greeting::encode_newstyle(flags)).unwrap();
-        }
-
-        pub fn client_flags(&mut self) -> u32 {
-            let mut b = [0u8; 4];
-            self.0.read_exact(&mut b).unwrap();
-            decode_client_flags(&b).unwrap()
-        }
-
-        pub fn option(&mut self) -> (u32, Vec<u8>) {
-            let mut h = [0u8; OPTION_HEADER_LEN];
-            self.0.read_exact(&mut h).unwrap();
-            let h = OptionHeader::decode(&h).unwrap();
-            let mut data = vec![0u8; h.length as usize];
-            self.0.read_exact(&mut data).unwrap();
-            (h.option, data)
-        }
-
-        pub fn reply(&mut self, option: u32, reply_type: u32, payload: &[u8]) {
-            let h = OptionReplyHeader {
-                option,
-                reply_type,
-                length: payload.len() as u32,
-            };
-            self.0.write_all(&h.encode()).unwrap();
-            self.0.write_all(payload).unwrap();
-        }
-
-        /// A complete modern handshake for `export`.
-        pub fn serve_go(&mut self, export: &str, size: u64, flags: u16, context: Option<u32>) {
-            self.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-            assert_eq!(
-                self.client_flags(),
-                NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
-            );
-            let (opt, _) = self.option();
-            assert_eq!(opt, NBD_OPT_STRUCTURED_REPLY);
-            self.reply(opt, NBD_REP_ACK, &[]);
-            let (opt, data) = self.option();
-            assert_eq!(opt, NBD_OPT_SET_META_CONTEXT);
-            let (name, queries) = decode_meta_context_payload(&data).unwrap();
-            assert_eq!(name, export);
-            assert_eq!(queries, vec![BASE_ALLOCATION.to_string()]);
-            if let Some(id) = context {
-                self.reply(
-                    opt,
-                    NBD_REP_META_CONTEXT,
-                    &encode_meta_context_reply(id, BASE_ALLOCATION),
-                );
-            }
-            self.reply(opt, NBD_REP_ACK, &[]);
-            let (opt, data) = self.option();
-            assert_eq!(opt, NBD_OPT_GO);
-            let (name, reqs) = decode_go_payload(&data).unwrap();
-            assert_eq!(name, export);
-            assert_eq!(reqs, vec![NBD_INFO_BLOCK_SIZE]);
-            self.reply(opt, NBD_REP_INFO, &Info::Export { size, flags }.encode());
-            self.reply(opt, NBD_REP_ACK, &[]);
-        }
-    }
 
     fn run<F>(export: &str, server: F) -> Result<Negotiated>
     where
@@ -690,7 +623,7 @@ pub(crate) mod tests {
         assert_eq!(e.kind(), ErrorKind::Server);
         assert_eq!(
             e.to_string(),
-            "test: handshake: server refused export 'foo': unknown export (server said: no export 'foo')"
+            "handshake: server refused export 'foo': unknown export (server said: no export 'foo')"
         );
     }
 

@@ -9,39 +9,61 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use crate::nbd::uri::NbdUri;
-use crate::nbd::wire::*;
+use crate::uri::NbdUri;
+use crate::wire::*;
 
 /// What the fake server gets wrong on purpose, on the first read (or
 /// block status request, for the block status ones).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Misbehave {
+pub enum Misbehave {
+    /// Behave.
     Nothing,
+    /// Send less data than a read asked for.
     ShortRead,
+    /// Answer with a cookie no request had.
     UnknownCookie,
+    /// Send a data chunk outside the read's range.
     ChunkOutside,
+    /// Send a reply with a bad magic number.
     BadMagic,
+    /// Send two data chunks that overlap.
     Overlap,
+    /// Send an error chunk whose errno is 0.
     ZeroErrno,
+    /// Claim a chunk longer than any request.
     HugeChunk,
+    /// Answer a write with a hole chunk.
     HoleForWrite,
+    /// Send extents past the end of a block status request.
     ExtentsBeyond,
+    /// Send an extent of length 0.
     ZeroLengthExtent,
+    /// Finish a block status reply without extents.
     NoExtents,
+    /// Hang up halfway through a reply.
     CloseMidReply,
 }
 
 /// Switches; the defaults are a modern, well-behaved server.
 #[derive(Clone, Debug)]
-pub(crate) struct FakeConfig {
+pub struct FakeConfig {
+    /// Export name the server answers to.
     pub export: String,
+    /// Offer structured replies.
     pub structured: bool,
+    /// Offer the `base:allocation` context.
     pub base_allocation: bool,
+    /// Advertise a read-only export.
     pub read_only: bool,
+    /// Advertise `NBD_CMD_WRITE_ZEROES`.
     pub write_zeroes: bool,
+    /// Advertise `NBD_CMD_FLAG_FAST_ZERO`.
     pub fast_zero: bool,
+    /// Advertise `NBD_CMD_TRIM`.
     pub trim: bool,
+    /// Advertise `NBD_CMD_FLUSH`.
     pub flush: bool,
+    /// Answer every block status request with EIO.
     pub fail_block_status: bool,
     /// Requests touching this offset fail with EIO.
     pub fail_at: Option<u64>,
@@ -49,6 +71,7 @@ pub(crate) struct FakeConfig {
     pub simple_errors: bool,
     /// Connections beyond this many are dropped at once.
     pub max_connections: usize,
+    /// Block size constraints to send (minimum, preferred, maximum).
     pub block_size: Option<(u32, u32, u32)>,
     /// Zero blocks of reads go out as OFFSET_HOLE chunks.
     pub holes: bool,
@@ -58,6 +81,7 @@ pub(crate) struct FakeConfig {
     pub reorder: bool,
     /// Send a block status chunk for a context nobody asked for.
     pub extra_context: bool,
+    /// What to get wrong on purpose.
     pub misbehave: Misbehave,
 }
 
@@ -97,8 +121,9 @@ struct Shared {
 }
 
 /// A running fake server; it lives as long as the test process (its
-/// threads block in accept), which is fine for tests.
-pub(crate) struct FakeServer {
+/// threads block in accept), which is fine for tests. Its helpers panic
+/// on failure, as test code does.
+pub struct FakeServer {
     _dir: tempfile::TempDir,
     path: PathBuf,
     shared: Arc<Shared>,
@@ -107,6 +132,7 @@ pub(crate) struct FakeServer {
 const CONTEXT_ID: u32 = 3;
 
 impl FakeServer {
+    /// Listen on a Unix socket in a fresh directory with an export of `size` zero bytes, set up by `configure`.
     pub fn start(size: usize, configure: impl FnOnce(&mut FakeConfig)) -> FakeServer {
         let mut cfg = FakeConfig::default();
         configure(&mut cfg);
@@ -144,10 +170,12 @@ impl FakeServer {
         }
     }
 
+    /// The URI to connect to.
     pub fn uri(&self) -> NbdUri {
         NbdUri::unix(&self.path, self.shared.cfg.export.clone())
     }
 
+    /// Longest write request received.
     pub fn max_write_seen(&self) -> u64 {
         self.shared.max_write.load(Ordering::SeqCst)
     }
@@ -158,14 +186,17 @@ impl FakeServer {
         self.shared.max_pending.load(Ordering::SeqCst)
     }
 
+    /// Every request received, in order.
     pub fn requests(&self) -> Vec<Request> {
         self.shared.log.lock().unwrap().clone()
     }
 
+    /// The export's contents.
     pub fn data(&self) -> Vec<u8> {
         self.shared.data.lock().unwrap().clone()
     }
 
+    /// Overwrite the export's contents at `offset`.
     pub fn fill(&self, offset: usize, bytes: &[u8]) {
         self.shared.data.lock().unwrap()[offset..offset + bytes.len()].copy_from_slice(bytes);
     }

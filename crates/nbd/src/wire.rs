@@ -19,8 +19,6 @@
 
 use std::fmt;
 
-use crate::error::{Error, ErrorKind};
-
 // ---------------------------------------------------------------------------
 // Magic numbers.
 
@@ -335,12 +333,6 @@ impl fmt::Display for WireError {
 }
 
 impl std::error::Error for WireError {}
-
-impl From<WireError> for Error {
-    fn from(e: WireError) -> Error {
-        Error::new(ErrorKind::Protocol, e.to_string())
-    }
-}
 
 /// Decoding result.
 pub type WireResult<T> = std::result::Result<T, WireError>;
@@ -1686,14 +1678,12 @@ mod tests {
     }
 
     #[test]
-    fn wire_error_becomes_protocol_error() {
-        let e: Error = WireError::BadMagic {
+    fn wire_error_text() {
+        let e = WireError::BadMagic {
             what: "reply",
             expected: 1,
             got: 2,
-        }
-        .into();
-        assert_eq!(e.kind(), ErrorKind::Protocol);
+        };
         assert_eq!(e.to_string(), "reply has bad magic 0x2 (expected 0x1)");
     }
 }

@@ -5,7 +5,7 @@
 //! headers must not wait for an ACK). Unix sockets get large kernel
 //! buffers, so that many requests and replies can be in flight without
 //! the sender stalling; TCP buffers are left to the kernel's autotuning
-//! (see [`connect_tcp_addr`]).
+//! (measured in `connect_tcp_addr`).
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
@@ -158,6 +158,14 @@ impl Transport {
             Transport::Tcp(s) => s.shutdown(how),
             Transport::Unix(s) => s.shutdown(how),
         }
+    }
+
+    /// A second handle on the same socket (a duplicated descriptor).
+    pub fn try_clone(&self) -> io::Result<Transport> {
+        Ok(match self {
+            Transport::Tcp(s) => Transport::Tcp(s.try_clone()?),
+            Transport::Unix(s) => Transport::Unix(s.try_clone()?),
+        })
     }
 }
 

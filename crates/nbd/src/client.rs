@@ -25,8 +25,8 @@ use super::splice::{MIN_SPLICE_PAYLOAD, SpliceError, SplicePipe};
 use super::transport::Transport;
 use super::uri::NbdUri;
 use super::wire::*;
-use crate::endpoint::{BlockSize, ReadOp};
-use crate::error::{Error, ErrorKind, Result};
+use crate::block_size::BlockSize;
+use crate::error::{Error, ErrorKind, Operation, Result};
 
 /// How to connect.
 #[derive(Clone, Debug, Default)]
@@ -39,8 +39,8 @@ pub struct ClientOptions {
 }
 
 /// A read request the client can fill: an offset and a buffer. Implemented
-/// for `(u64, &mut [u8])` and for the engine's [`ReadOp`], so neither needs
-/// converting (and allocating) per batch.
+/// for `(u64, &mut [u8])`; a program implements it for its own request
+/// type, so that nothing needs converting (and allocating) per batch.
 pub trait ReadRequest {
     /// Offset in the export.
     fn offset(&self) -> u64;
@@ -55,16 +55,6 @@ impl ReadRequest for (u64, &mut [u8]) {
 
     fn buffer(&mut self) -> &mut [u8] {
         self.1
-    }
-}
-
-impl ReadRequest for ReadOp<'_> {
-    fn offset(&self) -> u64 {
-        self.offset
-    }
-
-    fn buffer(&mut self) -> &mut [u8] {
-        self.buf
     }
 }
 
@@ -114,12 +104,12 @@ static ZERO_BUF: [u8; ZERO_BUF_LEN] = [0; ZERO_BUF_LEN];
 
 /// State of one request in flight. Slots are reused, so their coverage
 /// vectors keep their capacity and the hot path does not allocate.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Slot {
     busy: bool,
     cookie: u64,
     command: u16,
-    op: &'static str,
+    op: Operation,
     offset: u64,
     length: u32,
     /// Index of the caller's read request this fills.
@@ -137,9 +127,28 @@ struct Slot {
     error: Option<Error>,
 }
 
+impl Default for Slot {
+    fn default() -> Slot {
+        Slot {
+            busy: false,
+            cookie: 0,
+            command: 0,
+            op: Operation::Reply,
+            offset: 0,
+            length: 0,
+            target: 0,
+            buf_start: 0,
+            covered: Vec::new(),
+            got_status: false,
+            idle_chunks: 0,
+            error: None,
+        }
+    }
+}
+
 /// One NBD request carved out of a [`WriteCmd`].
 struct SubRequest {
-    op: &'static str,
+    op: Operation,
     command: u16,
     flags: u16,
     offset: u64,
@@ -150,7 +159,7 @@ struct SubRequest {
 
 impl SubRequest {
     fn new(
-        op: &'static str,
+        op: Operation,
         command: u16,
         flags: u16,
         offset: u64,
@@ -216,6 +225,24 @@ enum Splicing {
     Off,
 }
 
+/// Breaks a [`Client`]'s connection off from another thread
+/// ([`Client::interrupter`]).
+#[derive(Debug)]
+pub struct Interrupter {
+    /// A duplicate of the connection's socket: shutting it down shuts
+    /// down the one socket both descriptors refer to.
+    socket: Transport,
+}
+
+impl Interrupter {
+    /// Shut the connection down in both directions. Calls blocked on it
+    /// return with an error, and so does every later one; the server sees
+    /// the connection end. Harmless on a connection already closed.
+    pub fn interrupt(&self) {
+        let _ = self.socket.shutdown(Shutdown::Both);
+    }
+}
+
 /// One NBD connection.
 #[derive(Debug)]
 pub struct Client {
@@ -257,7 +284,7 @@ impl Client {
             opts.name.clone()
         };
         let transport =
-            Transport::connect(uri, opts.timeout).map_err(|e| Error::io(&name, "connect", e))?;
+            Transport::connect(uri, opts.timeout).map_err(|e| Error::io(Operation::Connect, e))?;
         Client::handshake(transport, uri.export(), &name)
     }
 
@@ -379,7 +406,19 @@ impl Client {
         self.reader
             .get_ref()
             .set_timeout(timeout)
-            .map_err(|e| Error::io(&self.name, "set timeout", e))
+            .map_err(|e| Error::io(Operation::SetTimeout, e))
+    }
+
+    /// A handle another thread can use to break this connection off, so
+    /// that a call blocked on a server that stopped answering returns at
+    /// once (with an I/O error) instead of waiting for a timeout.
+    pub fn interrupter(&self) -> Result<Interrupter> {
+        let socket = self
+            .reader
+            .get_ref()
+            .try_clone()
+            .map_err(|e| Error::io(Operation::Connect, e))?;
+        Ok(Interrupter { socket })
     }
 
     /// Whether an earlier error left the connection unusable.
@@ -389,13 +428,11 @@ impl Client {
 
     // -- errors -------------------------------------------------------------
 
-    fn error(&self, kind: ErrorKind, op: &'static str, msg: impl Into<String>) -> Error {
-        Error::new(kind, msg)
-            .with_endpoint(&self.name)
-            .with_operation(op)
+    fn error(&self, kind: ErrorKind, op: Operation, msg: impl Into<String>) -> Error {
+        Error::new(kind, msg).during(op)
     }
 
-    fn check_alive(&self, op: &'static str) -> Result<()> {
+    fn check_alive(&self, op: Operation) -> Result<()> {
         match &self.dead {
             None => Ok(()),
             Some((kind, msg)) => Err(self.error(
@@ -410,14 +447,7 @@ impl Client {
     /// hang up: after a framing error nothing more can be read safely.
     fn kill(&mut self, e: Error) -> Error {
         if self.dead.is_none() {
-            // Later errors name the endpoint themselves: keep the first
-            // one's text without it, so the name is not said twice.
-            let text = e.to_string();
-            let prefix = format!("{}: ", self.name);
-            let text = text
-                .strip_prefix(&prefix)
-                .map_or(text.clone(), str::to_string);
-            self.dead = Some((e.kind(), text));
+            self.dead = Some((e.kind(), e.to_string()));
             let _ = self.reader.get_ref().shutdown(Shutdown::Both);
         }
         for s in &mut self.slots {
@@ -430,12 +460,12 @@ impl Client {
         e
     }
 
-    fn protocol(&mut self, op: &'static str, msg: impl Into<String>) -> Error {
+    fn protocol(&mut self, op: Operation, msg: impl Into<String>) -> Error {
         let e = self.error(ErrorKind::Protocol, op, msg);
         self.kill(e)
     }
 
-    fn io_error(&mut self, op: &'static str, e: io::Error) -> Error {
+    fn io_error(&mut self, op: Operation, e: io::Error) -> Error {
         let e = if e.kind() == io::ErrorKind::UnexpectedEof {
             io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection")
         } else {
@@ -443,7 +473,7 @@ impl Client {
         };
         // Waiting for a reply, the request that waited longest is the one
         // the user needs to hear about (offset and length included).
-        let oldest = if op == "reply" {
+        let oldest = if op == Operation::Reply {
             self.slots
                 .iter()
                 .filter(|s| s.busy)
@@ -453,8 +483,8 @@ impl Client {
             None
         };
         let e = match oldest {
-            Some((op, offset, length)) => Error::io(&self.name, op, e).at(offset, length.into()),
-            None => Error::io(&self.name, op, e),
+            Some((op, offset, length)) => Error::io(op, e).at(offset, length.into()),
+            None => Error::io(op, e),
         };
         self.kill(e)
     }
@@ -524,7 +554,7 @@ impl Client {
     #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
-        op: &'static str,
+        op: Operation,
         command: u16,
         flags: u16,
         offset: u64,
@@ -566,7 +596,7 @@ impl Client {
 
     // -- receiving ----------------------------------------------------------
 
-    fn read_exact(&mut self, op: &'static str, buf: &mut [u8]) -> Result<()> {
+    fn read_exact(&mut self, op: Operation, buf: &mut [u8]) -> Result<()> {
         match self.reader.read_exact(buf) {
             Ok(()) => Ok(()),
             Err(e) => Err(self.io_error(op, e)),
@@ -588,7 +618,7 @@ impl Client {
     }
 
     /// Read and drop `n` bytes (a chunk for a context we did not ask for).
-    fn skip(&mut self, op: &'static str, mut n: usize) -> Result<()> {
+    fn skip(&mut self, op: Operation, mut n: usize) -> Result<()> {
         let mut tmp = std::mem::take(&mut self.scratch);
         tmp.resize(tmp.len().max(64 * 1024), 0);
         let mut r = Ok(());
@@ -608,7 +638,7 @@ impl Client {
         match self.slots.iter().position(|s| s.busy && s.cookie == cookie) {
             Some(i) => Ok(i),
             None => Err(self.protocol(
-                "reply",
+                Operation::Reply,
                 format!("server sent a reply with unknown cookie {cookie}"),
             )),
         }
@@ -624,7 +654,7 @@ impl Client {
         if !said.is_empty() {
             msg.push_str(&format!(" (server said: {said})"));
         }
-        let e = self.error(ErrorKind::Server, s.op, msg);
+        let e = Error::server(s.op, errno, msg);
         // A flush has no range: "flush at offset 0 length 0" would mislead.
         if s.command == NBD_CMD_FLUSH {
             e
@@ -684,27 +714,27 @@ impl Client {
     /// the `Completed`; an `Err` means the connection is dead.
     fn receive<R: ReadRequest>(&mut self, reads: &mut [R]) -> Result<Option<Completed>> {
         let mut h = [0u8; MAX_REPLY_HEADER_LEN];
-        self.read_exact("reply", &mut h[..4])?;
+        self.read_exact(Operation::Reply, &mut h[..4])?;
         let hlen = match reply_header_len(&h[..4]) {
             Ok(n) => n,
-            Err(e) => return Err(self.protocol("reply", e.to_string())),
+            Err(e) => return Err(self.protocol(Operation::Reply, e.to_string())),
         };
-        self.read_exact("reply", &mut h[4..hlen])?;
+        self.read_exact(Operation::Reply, &mut h[4..hlen])?;
         if hlen == SIMPLE_REPLY_LEN {
             let r = match SimpleReply::decode(&h[..hlen]) {
                 Ok(r) => r,
-                Err(e) => return Err(self.protocol("reply", e.to_string())),
+                Err(e) => return Err(self.protocol(Operation::Reply, e.to_string())),
             };
             let si = self.find_slot(r.cookie)?;
             return self.simple_reply(si, r, reads).map(Some);
         }
         let c = match ChunkHeader::decode(&h[..hlen]) {
             Ok(c) => c,
-            Err(e) => return Err(self.protocol("reply", e.to_string())),
+            Err(e) => return Err(self.protocol(Operation::Reply, e.to_string())),
         };
         if !self.neg.structured_replies {
             return Err(self.protocol(
-                "reply",
+                Operation::Reply,
                 "server sent a structured reply without negotiating them",
             ));
         }
@@ -955,7 +985,7 @@ impl Client {
         max_in_flight: usize,
         max_bytes_in_flight: usize,
     ) -> Result<()> {
-        self.check_alive("read")?;
+        self.check_alive(Operation::Read)?;
         let max_in_flight = max_in_flight.max(1);
         let max_bytes = max_bytes_in_flight as u64;
         let max_request = self.max_request as usize;
@@ -976,9 +1006,22 @@ impl Client {
                     break;
                 }
                 let Some(at) = offset.checked_add(pos as u64) else {
-                    return Err(self.error(ErrorKind::Usage, "read", "offset overflows"));
+                    return Err(self.error(
+                        ErrorKind::InvalidInput,
+                        Operation::Read,
+                        "offset overflows",
+                    ));
                 };
-                self.send("read", NBD_CMD_READ, 0, at, len as u32, &[], idx, pos)?;
+                self.send(
+                    Operation::Read,
+                    NBD_CMD_READ,
+                    0,
+                    at,
+                    len as u32,
+                    &[],
+                    idx,
+                    pos,
+                )?;
                 bytes_in_flight += len as u64;
                 pos += len;
             }
@@ -1001,16 +1044,16 @@ impl Client {
     fn next_write(&self, cmd: &WriteCmd<'_>, done: u64) -> Result<Option<SubRequest>> {
         let max = u64::from(self.max_request);
         let (op, offset, total) = match *cmd {
-            WriteCmd::Write { offset, data } => ("write", offset, data.len() as u64),
-            WriteCmd::WriteZeroes { offset, length, .. } => ("zero", offset, length),
-            WriteCmd::Trim { offset, length } => ("trim", offset, length),
+            WriteCmd::Write { offset, data } => (Operation::Write, offset, data.len() as u64),
+            WriteCmd::WriteZeroes { offset, length, .. } => (Operation::Zero, offset, length),
+            WriteCmd::Trim { offset, length } => (Operation::Trim, offset, length),
         };
         if done >= total {
             return Ok(None);
         }
         let at = offset
             .checked_add(done)
-            .ok_or_else(|| self.error(ErrorKind::Usage, op, "offset overflows"))?;
+            .ok_or_else(|| self.error(ErrorKind::InvalidInput, op, "offset overflows"))?;
         if self.read_only() {
             return Err(self
                 .error(ErrorKind::Unsupported, op, "the export is read-only")
@@ -1111,7 +1154,7 @@ impl Client {
     where
         I: IntoIterator<Item = WriteCmd<'a>>,
     {
-        self.check_alive("write")?;
+        self.check_alive(Operation::Write)?;
         let max_in_flight = max_in_flight.max(1);
         let max_bytes = max_bytes_in_flight as u64;
         let mut ops = ops.into_iter();
@@ -1190,7 +1233,7 @@ impl Client {
     /// Run one request with no payload to completion.
     fn round_trip(
         &mut self,
-        op: &'static str,
+        op: Operation,
         command: u16,
         flags: u16,
         offset: u64,
@@ -1208,7 +1251,7 @@ impl Client {
         if self.in_flight == 0 {
             return Ok(());
         }
-        self.check_alive("write")?;
+        self.check_alive(Operation::Write)?;
         let mut none: [(u64, &mut [u8]); 0] = [];
         let mut first_error = None;
         while self.in_flight > 0 {
@@ -1228,13 +1271,13 @@ impl Client {
         if !self.can_flush() {
             return Err(self.error(
                 ErrorKind::Unsupported,
-                "flush",
+                Operation::Flush,
                 "server does not support flush",
             ));
         }
         // A flush covers only the writes already answered.
         self.settle()?;
-        self.round_trip("flush", NBD_CMD_FLUSH, 0, 0, 0)
+        self.round_trip(Operation::Flush, NBD_CMD_FLUSH, 0, 0, 0)
     }
 
     /// `base:allocation` extents of `[offset, offset + length)`, as
@@ -1243,7 +1286,7 @@ impl Client {
     /// to the minimum block size), so the list may end early; the last
     /// extent is clipped to the request.
     pub fn block_status(&mut self, offset: u64, length: u64) -> Result<Vec<(u64, u32)>> {
-        const OP: &str = "block status";
+        const OP: Operation = Operation::BlockStatus;
         if self.neg.base_allocation.is_none() {
             return Err(self.error(
                 ErrorKind::Unsupported,
@@ -1279,12 +1322,9 @@ impl Client {
         let sent = io::Write::write_all(&mut sock, &header);
         let _ = self.reader.get_ref().shutdown(Shutdown::Write);
         self.dead = Some((ErrorKind::Io, "disconnected".to_string()));
-        sent.map_err(|e| Error::io(&self.name, "disconnect", e))
+        sent.map_err(|e| Error::io(Operation::Disconnect, e))
     }
 }
-
-#[cfg(test)]
-pub(crate) mod tests_support;
 
 #[cfg(test)]
 mod tests;
