@@ -47,8 +47,6 @@ pub enum Operation {
     GetSize,
     /// Setting a destination file's size.
     Resize,
-    /// Starting an NBD server subprocess.
-    Start,
     /// Connecting to an NBD server.
     Connect,
     /// The NBD handshake.
@@ -87,7 +85,6 @@ impl Operation {
             Operation::Stat => "stat",
             Operation::GetSize => "get size",
             Operation::Resize => "resize",
-            Operation::Start => "start",
             Operation::Connect => "connect",
             Operation::Handshake => "handshake",
             Operation::Reconnect => "reconnect",

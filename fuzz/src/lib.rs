@@ -470,6 +470,7 @@ fn write(client: &mut Client, cfg: &RepliesConfig) -> nbdcp_nbd::Result<()> {
         .map(|i| WriteCmd::Write {
             offset: (i * len) as u64,
             data: &data,
+            lend: true,
         })
         .collect();
     let end = (cfg.count() * len) as u64;

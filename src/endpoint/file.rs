@@ -286,16 +286,10 @@ impl Endpoint for FileEndpoint {
         Capabilities {
             read_only: !self.writable,
             sequential: false,
-            efficient_zero: true,
-            trim: true,
             flush: true,
             extents: self.kind == Kind::Regular,
+            reconnect: false,
             starts_zeroed: self.fresh,
-            multi_conn: true,
-            pipelined: false,
-            request_hint: 0,
-            batch_hint: 0,
-            discards: false,
         }
     }
 
@@ -331,10 +325,6 @@ impl Endpoint for FileEndpoint {
     fn zero(&mut self, offset: u64, length: u64, allocate: bool) -> Result<()> {
         self.zero_range(offset, length, allocate)
             .map_err(|e| Error::io(&self.name, Operation::Zero, e).at(offset, length))
-    }
-
-    fn trim(&mut self, offset: u64, length: u64) -> Result<()> {
-        self.zero(offset, length, false)
     }
 
     fn flush(&mut self) -> Result<()> {

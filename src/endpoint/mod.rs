@@ -2,7 +2,7 @@
 //!
 //! Every kind (regular file, block device, pipe, `null:`, NBD server, NBD
 //! server subprocess) implements [`Endpoint`]. The copy engine in
-//! [`crate::copy`] only ever talks to this trait, in the manner of the
+//! [`crate::engine`] only ever talks to this trait, in the manner of the
 //! operations tables of libnbd's `copy/`.
 //!
 //! An `Endpoint` value is one *handle* (one file descriptor or one NBD
@@ -13,6 +13,8 @@ use std::fmt;
 
 use crate::error::Result;
 
+mod buffer;
+mod children;
 pub mod file;
 pub mod nbd;
 pub mod null;
@@ -20,6 +22,8 @@ pub mod spec;
 pub mod stream;
 pub mod subprocess;
 
+pub use buffer::{Payload, WriteBuffer};
+pub(crate) use children::kill_all as kill_started_servers;
 pub use spec::{EndpointSpec, OpenOptions, check_distinct, open_destination, open_source};
 
 /// What a region of an endpoint holds, as far as the endpoint can tell.
@@ -54,38 +58,84 @@ impl Extent {
 /// three numbers).
 pub use ::nbd::BlockSize;
 
-/// What an endpoint can do, learnt when it is opened.
+/// What an endpoint can do, learnt when it is opened. The engine's plan
+/// (see [`crate::engine`]) decides from these what a copy may do.
+///
+/// New abilities may be added in any release; start from the default
+/// (nothing) and set what the endpoint has.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// Writes are refused.
     pub read_only: bool,
     /// Data can only be read or written in order, once (a pipe).
     pub sequential: bool,
-    /// [`Endpoint::zero`] is cheaper than writing zero bytes.
-    pub efficient_zero: bool,
-    /// [`Endpoint::trim`] is supported.
-    pub trim: bool,
     /// [`Endpoint::flush`] does something (otherwise it is a no-op).
     pub flush: bool,
     /// [`Endpoint::extents`] returns real information.
     pub extents: bool,
+    /// [`Endpoint::reconnect`] can restore a lost connection.
+    pub reconnect: bool,
     /// The endpoint reads back as all zeroes before the copy writes anything
     /// (a freshly created or truncated file, `null:`).
     pub starts_zeroed: bool,
-    /// The server says several connections see one another's writes.
-    pub multi_conn: bool,
-    /// Several requests in flight at once go faster than one at a time
-    /// (a network server); batches are sized for it.
-    pub pipelined: bool,
+}
+
+/// How an endpoint is best driven: hints that change speed, never the
+/// result. The default states no preference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Tuning {
+    /// Several requests in flight at once go faster than one at a time,
+    /// because each waits on a peer (a network server); batches are sized
+    /// for it, and a source that waits gets an extra worker.
+    pub waits_on_peer: bool,
     /// Request size this endpoint does best with, used unless the user
     /// sets one; 0 leaves it to the engine.
-    pub request_hint: usize,
+    pub request_size: usize,
     /// Most bytes of data per batch this endpoint does best with when
-    /// pipelined; 0 leaves it to the engine.
-    pub batch_hint: usize,
-    /// Writes are thrown away (`null:`): finding zeroes in data is wasted
-    /// work.
-    pub discards: bool,
+    /// requests are pipelined; 0 leaves it to the engine.
+    pub batch_size: usize,
+    /// Finding runs of zeroes in data and sending them as zero requests
+    /// saves this destination work (`false` for `null:`, which throws
+    /// writes away).
+    pub zero_scan: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            waits_on_peer: false,
+            request_size: 0,
+            batch_size: 0,
+            zero_scan: true,
+        }
+    }
+}
+
+/// Breaks off an endpoint's blocked requests from another thread
+/// ([`Endpoint::interrupter`]), so that cancelling a copy does not wait for
+/// a server that stopped answering.
+pub struct Interrupter(Box<dyn Fn() + Send + Sync>);
+
+impl Interrupter {
+    /// An interrupter that runs `f`; it must make calls blocked on the
+    /// endpoint return (with an error) promptly, and be harmless to call
+    /// more than once.
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Interrupter {
+        Interrupter(Box::new(f))
+    }
+
+    /// Break the endpoint's requests off.
+    pub fn interrupt(&self) {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for Interrupter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Interrupter")
+    }
 }
 
 /// One write-side operation, as the engine hands them to
@@ -96,8 +146,9 @@ pub enum WriteOp<'a> {
     Write {
         /// Destination offset.
         offset: u64,
-        /// Bytes to write.
-        data: &'a [u8],
+        /// Bytes to write, and whether the endpoint may lend them to the
+        /// kernel rather than copy them.
+        data: Payload<'a>,
     },
     /// Make `[offset, offset + length)` read back as zeroes.
     Zero {
@@ -133,6 +184,11 @@ pub trait Endpoint: Send {
 
     /// What this endpoint can do.
     fn capabilities(&self) -> Capabilities;
+
+    /// How this endpoint is best driven.
+    fn tuning(&self) -> Tuning {
+        Tuning::default()
+    }
 
     /// Request size constraints.
     fn block_size(&self) -> BlockSize {
@@ -174,24 +230,22 @@ pub trait Endpoint: Send {
     /// Perform several writes and zeroes. Network endpoints keep them in
     /// flight together, and may return before the last are answered (their
     /// failures then come from a later call, [`Endpoint::settle`] or
-    /// [`Endpoint::flush`]); the memory of `ops` may be reused either way.
+    /// [`Endpoint::flush`]). A payload is only lent rather than copied if
+    /// it lives in a [`WriteBuffer`] ([`Payload::lendable`]); should the
+    /// connection fail while lent pages may still be read, the endpoint
+    /// poisons that buffer, which then refuses to be written to again.
     /// The default does them one by one, in order.
     fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
         for op in ops {
-            match *op {
-                WriteOp::Write { offset, data } => self.write_at(data, offset)?,
+            match op {
+                WriteOp::Write { offset, data } => self.write_at(data, *offset)?,
                 WriteOp::Zero {
                     offset,
                     length,
                     allocate,
-                } => self.zero(offset, length, allocate)?,
+                } => self.zero(*offset, *length, *allocate)?,
             }
         }
-        Ok(())
-    }
-
-    /// Discard `[offset, offset + length)`; contents become unspecified.
-    fn trim(&mut self, _offset: u64, _length: u64) -> Result<()> {
         Ok(())
     }
 
@@ -222,19 +276,22 @@ pub trait Endpoint: Send {
     /// a server refusing further connections).
     fn connect_another(&self) -> Result<Option<Box<dyn Endpoint>>>;
 
-    /// Whether [`Endpoint::reconnect`] can restore a lost connection.
-    fn can_reconnect(&self) -> bool {
-        false
-    }
-
     /// Replace a failed connection with a new one to the same place, after
     /// which requests may be sent again. Only for endpoints whose
-    /// [`Endpoint::can_reconnect`] is true.
+    /// [`Capabilities::reconnect`] is set.
     fn reconnect(&mut self) -> Result<()> {
         Err(
             crate::Error::new(crate::ErrorKind::Unsupported, "cannot reconnect")
                 .with_endpoint(self.name()),
         )
+    }
+
+    /// Something another thread can call to break off this handle's
+    /// blocked requests, or `None` if nothing it does can block for long
+    /// (a local file). The engine calls it when the copy is cancelled or
+    /// another worker failed.
+    fn interrupter(&self) -> Option<Interrupter> {
+        None
     }
 
     /// Tell the destination the final size once a source of unknown size

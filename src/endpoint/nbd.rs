@@ -1,12 +1,22 @@
-//! NBD servers as endpoints: one [`NbdEndpoint`] is one connection.
+//! NBD servers as endpoints: one [`NbdEndpoint`] is one connection, to a
+//! server given by URI or to one nbdcp started (`[ CMD ARGS ... ]`, see
+//! [`super::subprocess`]).
 //!
 //! Batches from the engine are pipelined on the connection; further
 //! workers get their own connections through
-//! [`Endpoint::connect_another`].
+//! [`Endpoint::connect_another`]. Both kinds of server follow one policy:
+//! an extra connection that cannot be had is given up on, and the copy
+//! carries on with the connections it has.
 
+use std::ffi::OsString;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{BlockSize, Capabilities, Endpoint, Extent, ExtentKind, ReadOp, WriteOp};
+use super::subprocess::ServerProcess;
+use super::{
+    BlockSize, Capabilities, Endpoint, Extent, ExtentKind, Interrupter, OpenOptions, ReadOp,
+    Tuning, WriteOp,
+};
 use crate::error::{Error, ErrorKind, Operation, Result};
 use nbd::client::{Client, ClientOptions, WriteCmd};
 use nbd::uri::NbdUri;
@@ -38,27 +48,207 @@ const TCP_REQUEST_HINT: usize = 256 * 1024;
 /// qcow2 to qcow2 took 0.87 s against 1.06 s (2 MiB: 0.92 s).
 const UNIX_REQUEST_HINT: usize = 1024 * 1024;
 
-/// How to use an NBD server.
+/// Where an endpoint's connections go.
 #[derive(Clone, Debug)]
-pub struct NbdOptions {
-    /// Most requests in flight on one connection (`-R`).
-    pub requests: usize,
-    /// Most payload bytes in flight on one connection.
-    pub queue_size: usize,
-    /// Bound on connecting and on each socket read or write.
-    pub timeout: Option<Duration>,
-    /// Opening as a destination: a read-only export is refused up front.
-    pub writable: bool,
+struct Target {
+    /// What the user typed, for messages.
+    name: String,
+    uri: NbdUri,
+    opts: OpenOptions,
+    /// Opened as a destination: a read-only export is refused up front.
+    writable: bool,
+    /// The server nbdcp started, shared by every connection to it; it is
+    /// stopped when the last one is dropped.
+    server: Option<Arc<ServerProcess>>,
 }
 
-impl Default for NbdOptions {
-    fn default() -> Self {
-        NbdOptions {
-            requests: 64,
-            queue_size: 16 * 1024 * 1024,
-            timeout: None,
-            writable: false,
+/// What lets another thread break the current connection off. Reconnecting
+/// swaps the connection, so the slot is shared and updated in place.
+#[derive(Debug, Default)]
+struct InterruptSlot {
+    interrupted: bool,
+    current: Option<nbd::Interrupter>,
+}
+
+/// One connection to an NBD server, as an [`Endpoint`].
+#[derive(Debug)]
+pub struct NbdEndpoint {
+    // Declared first so the connection closes before the last handle
+    // stops a server nbdcp started.
+    client: Client,
+    target: Target,
+    interrupt: Arc<Mutex<InterruptSlot>>,
+    /// Block status failures are reported once per connection.
+    warned_extents: bool,
+    /// Writes or zeroes were sent on this connection since its last
+    /// successful flush.
+    dirty: bool,
+    /// How long connecting and negotiating took, a measure of how quickly
+    /// this server greets a client.
+    handshake_time: Duration,
+}
+
+fn lock(slot: &Mutex<InterruptSlot>) -> MutexGuard<'_, InterruptSlot> {
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl NbdEndpoint {
+    /// Connect to `uri` and negotiate; `name` is what the user typed, for
+    /// messages. With `writable`, a read-only export is refused.
+    pub fn connect(
+        name: &str,
+        uri: &NbdUri,
+        opts: &OpenOptions,
+        writable: bool,
+    ) -> Result<NbdEndpoint> {
+        let target = Target {
+            name: name.to_string(),
+            uri: uri.clone(),
+            opts: opts.clone(),
+            writable,
+            server: None,
+        };
+        NbdEndpoint::open(target, opts.timeout)
+    }
+
+    /// Start `argv` as a socket-activated NBD server and connect to it.
+    ///
+    /// If the server exits instead of answering, the error gives its exit
+    /// status. A server that neither exits nor answers (a command that
+    /// ignores fd 3) is only detected if `opts.timeout` is set.
+    pub fn start(
+        name: &str,
+        argv: &[OsString],
+        opts: &OpenOptions,
+        writable: bool,
+    ) -> Result<NbdEndpoint> {
+        let server = ServerProcess::spawn(argv).map_err(|e| e.with_endpoint(name))?;
+        let target = Target {
+            name: name.to_string(),
+            uri: NbdUri::unix(server.socket_path(), ""),
+            opts: opts.clone(),
+            writable,
+            server: None,
+        };
+        match NbdEndpoint::open(target, opts.timeout) {
+            Ok(mut ep) => {
+                ep.target.server = Some(Arc::new(server));
+                Ok(ep)
+            }
+            Err(err) => Err(server.explain_failure(name, err)),
         }
+    }
+
+    /// One new connection to `target`, its socket bounded by `timeout`
+    /// while it connects and negotiates.
+    fn open(target: Target, timeout: Option<Duration>) -> Result<NbdEndpoint> {
+        let started = Instant::now();
+        let client = Self::dial(&target, timeout)?;
+        let interrupt = InterruptSlot {
+            interrupted: false,
+            current: client.interrupter().ok(),
+        };
+        Ok(NbdEndpoint {
+            client,
+            target,
+            interrupt: Arc::new(Mutex::new(interrupt)),
+            warned_extents: false,
+            dirty: false,
+            handshake_time: started.elapsed(),
+        })
+    }
+
+    /// Connect and negotiate, refusing a read-only export for a writer.
+    fn dial(target: &Target, timeout: Option<Duration>) -> Result<Client> {
+        let copts = ClientOptions {
+            name: target.name.clone(),
+            timeout,
+        };
+        let context = |e: nbd::Error| {
+            let e = Error::from(e)
+                .with_endpoint(&target.name)
+                .with_operation(Operation::Connect);
+            note_death(target, e)
+        };
+        let mut client = Client::connect(&target.uri, &copts).map_err(context)?;
+        if target.writable && client.read_only() {
+            let _ = client.disconnect();
+            return Err(
+                Error::new(ErrorKind::Unsupported, "the export is read-only")
+                    .with_endpoint(&target.name)
+                    .with_operation(Operation::Connect),
+            );
+        }
+        if timeout != target.opts.timeout {
+            client.set_timeout(target.opts.timeout).map_err(context)?;
+        }
+        Ok(client)
+    }
+
+    /// The URI this endpoint connects to.
+    pub fn uri(&self) -> &NbdUri {
+        &self.target.uri
+    }
+
+    /// The server process nbdcp started for this endpoint, if it did.
+    pub fn server(&self) -> Option<&ServerProcess> {
+        self.target.server.as_deref()
+    }
+
+    /// The server says several connections see one another's writes.
+    pub fn multi_conn(&self) -> bool {
+        self.client.multi_conn()
+    }
+
+    /// The underlying connection.
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    fn ctx(&self, e: nbd::Error, op: Operation) -> Error {
+        let e = Error::from(e)
+            .with_endpoint(&self.target.name)
+            .with_operation(op);
+        note_death(&self.target, e)
+    }
+
+    fn limits(&self) -> (usize, usize) {
+        (self.target.opts.requests, self.target.opts.queue_size)
+    }
+
+    fn write_cmd<'a>(op: &WriteOp<'a>) -> WriteCmd<'a> {
+        match op {
+            WriteOp::Write { offset, data } => WriteCmd::Write {
+                offset: *offset,
+                data: data.bytes(),
+                lend: data.lendable_from().is_some(),
+            },
+            WriteOp::Zero {
+                offset,
+                length,
+                allocate,
+            } => WriteCmd::WriteZeroes {
+                offset: *offset,
+                length: *length,
+                no_hole: *allocate,
+                fast_zero: false,
+            },
+        }
+    }
+}
+
+/// When an operation fails because the connection broke and a server
+/// nbdcp started has died, say so in the error itself: "connection reset"
+/// alone does not say why, and a separate log line would make two lines
+/// of one failure. A server error or protocol violation already says what
+/// it is.
+fn note_death(target: &Target, e: Error) -> Error {
+    match &target.server {
+        Some(server) if e.kind() == ErrorKind::Io => match server.death_note() {
+            Some(note) => e.with_note(note),
+            None => e,
+        },
+        _ => e,
     }
 }
 
@@ -72,96 +262,9 @@ impl nbd::ReadRequest for ReadOp<'_> {
     }
 }
 
-/// One connection to an NBD server, as an [`Endpoint`].
-#[derive(Debug)]
-pub struct NbdEndpoint {
-    name: String,
-    uri: NbdUri,
-    opts: NbdOptions,
-    client: Client,
-    /// Block status failures are reported once per connection.
-    warned_extents: bool,
-    /// Writes, zeroes or trims were sent on this connection since its last
-    /// successful flush.
-    dirty: bool,
-    /// How long connecting and negotiating took, a measure of how quickly
-    /// this server greets a client.
-    handshake_time: Duration,
-}
-
-impl NbdEndpoint {
-    /// Connect to `uri` and negotiate; `name` is what the user typed, for
-    /// messages.
-    pub fn connect(name: &str, uri: &NbdUri, opts: &NbdOptions) -> Result<NbdEndpoint> {
-        let copts = ClientOptions {
-            name: name.to_string(),
-            timeout: opts.timeout,
-        };
-        let started = Instant::now();
-        let mut client = Client::connect(uri, &copts).map_err(|e| {
-            Error::from(e)
-                .with_endpoint(name)
-                .with_operation(Operation::Connect)
-        })?;
-        let handshake_time = started.elapsed();
-        if opts.writable && client.read_only() {
-            let _ = client.disconnect();
-            return Err(
-                Error::new(ErrorKind::Unsupported, "the export is read-only")
-                    .with_endpoint(name)
-                    .with_operation(Operation::Connect),
-            );
-        }
-        Ok(NbdEndpoint {
-            name: name.to_string(),
-            uri: uri.clone(),
-            opts: opts.clone(),
-            client,
-            warned_extents: false,
-            dirty: false,
-            handshake_time,
-        })
-    }
-
-    /// The URI this endpoint connects to.
-    pub fn uri(&self) -> &NbdUri {
-        &self.uri
-    }
-
-    /// The options it was opened with.
-    pub fn options(&self) -> &NbdOptions {
-        &self.opts
-    }
-
-    /// The underlying connection.
-    pub fn client(&mut self) -> &mut Client {
-        &mut self.client
-    }
-
-    fn ctx(&self, e: nbd::Error, op: Operation) -> Error {
-        Error::from(e).with_endpoint(&self.name).with_operation(op)
-    }
-
-    fn write_cmd<'a>(op: &WriteOp<'a>) -> WriteCmd<'a> {
-        match *op {
-            WriteOp::Write { offset, data } => WriteCmd::Write { offset, data },
-            WriteOp::Zero {
-                offset,
-                length,
-                allocate,
-            } => WriteCmd::WriteZeroes {
-                offset,
-                length,
-                no_hole: allocate,
-                fast_zero: false,
-            },
-        }
-    }
-}
-
 impl Endpoint for NbdEndpoint {
     fn name(&self) -> &str {
-        &self.name
+        &self.target.name
     }
 
     fn size(&self) -> Option<u64> {
@@ -172,24 +275,26 @@ impl Endpoint for NbdEndpoint {
         Capabilities {
             read_only: self.client.read_only(),
             sequential: false,
-            efficient_zero: self.client.can_zero(),
-            trim: self.client.can_trim(),
             flush: self.client.can_flush(),
             extents: self.client.has_base_allocation(),
+            // A server nbdcp started that dropped the connection has most
+            // likely died: reconnecting would only wait out the back-off.
+            reconnect: self.target.server.is_none(),
             starts_zeroed: false,
-            multi_conn: self.client.multi_conn(),
-            pipelined: true,
-            request_hint: if self.client.is_tcp() {
+        }
+    }
+
+    fn tuning(&self) -> Tuning {
+        let tcp = self.client.is_tcp();
+        Tuning {
+            waits_on_peer: true,
+            request_size: if tcp {
                 TCP_REQUEST_HINT
             } else {
                 UNIX_REQUEST_HINT
             },
-            batch_hint: if self.client.is_tcp() {
-                TCP_BATCH_HINT
-            } else {
-                0
-            },
-            discards: false,
+            batch_size: if tcp { TCP_BATCH_HINT } else { 0 },
+            zero_scan: true,
         }
     }
 
@@ -199,14 +304,14 @@ impl Endpoint for NbdEndpoint {
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut one = [(offset, buf)];
-        let (r, q) = (self.opts.requests, self.opts.queue_size);
+        let (r, q) = self.limits();
         self.client
             .read_many(&mut one, r, q)
             .map_err(|e| self.ctx(e, Operation::Read))
     }
 
     fn read_batch(&mut self, ops: &mut [ReadOp<'_>]) -> Result<()> {
-        let (r, q) = (self.opts.requests, self.opts.queue_size);
+        let (r, q) = self.limits();
         self.client
             .read_many(ops, r, q)
             .map_err(|e| self.ctx(e, Operation::Read))
@@ -214,15 +319,20 @@ impl Endpoint for NbdEndpoint {
 
     fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
         self.dirty = true;
-        let (r, q) = (self.opts.requests, self.opts.queue_size);
+        let (r, q) = self.limits();
+        let cmd = WriteCmd::Write {
+            offset,
+            data,
+            lend: false,
+        };
         self.client
-            .write_many(std::iter::once(WriteCmd::Write { offset, data }), r, q)
+            .write_many(std::iter::once(cmd), r, q)
             .map_err(|e| self.ctx(e, Operation::Write))
     }
 
     fn zero(&mut self, offset: u64, length: u64, allocate: bool) -> Result<()> {
         self.dirty = true;
-        let (r, q) = (self.opts.requests, self.opts.queue_size);
+        let (r, q) = self.limits();
         let cmd = WriteCmd::WriteZeroes {
             offset,
             length,
@@ -236,27 +346,28 @@ impl Endpoint for NbdEndpoint {
 
     fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
         self.dirty = true;
-        let (r, q) = (self.opts.requests, self.opts.queue_size);
-        self.client
-            .send_writes(ops.iter().map(Self::write_cmd), r, q)
-            .map_err(|e| self.ctx(e, Operation::Write))
+        let (r, q) = self.limits();
+        let result = self
+            .client
+            .send_writes(ops.iter().map(Self::write_cmd), r, q);
+        if result.is_err() && self.client.is_dead() {
+            // Lent pages may still be read off the dead socket: make sure
+            // the memory is never refilled (see `WriteBuffer`).
+            for op in ops {
+                if let WriteOp::Write { data, .. } = op {
+                    if let Some(buffer) = data.lendable_from() {
+                        buffer.poison();
+                    }
+                }
+            }
+        }
+        result.map_err(|e| self.ctx(e, Operation::Write))
     }
 
     fn settle(&mut self) -> Result<()> {
         self.client
             .settle()
             .map_err(|e| self.ctx(e, Operation::Write))
-    }
-
-    fn trim(&mut self, offset: u64, length: u64) -> Result<()> {
-        if !self.client.can_trim() {
-            return Ok(());
-        }
-        self.dirty = true;
-        let (r, q) = (self.opts.requests, self.opts.queue_size);
-        self.client
-            .write_many(std::iter::once(WriteCmd::Trim { offset, length }), r, q)
-            .map_err(|e| self.ctx(e, Operation::Trim))
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -274,7 +385,7 @@ impl Endpoint for NbdEndpoint {
             // it sat idle without a segment), that is no reason to fail a
             // copy whose writes were all flushed elsewhere.
             Err(e) if !self.dirty && is_transport(&e) => {
-                log::debug!("{}: flush on an idle connection: {e}", self.name);
+                log::debug!("{}: flush on an idle connection: {e}", self.target.name);
                 Ok(())
             }
             Err(e) => Err(self.ctx(e, Operation::Flush)),
@@ -296,24 +407,7 @@ impl Endpoint for NbdEndpoint {
         let len = length.min(size - offset);
         match self.client.block_status(offset, len) {
             Ok(list) => {
-                let mut out: Vec<Extent> = Vec::with_capacity(list.len());
-                let mut at = offset;
-                for (l, flags) in list {
-                    let kind = if flags & NBD_STATE_ZERO != 0 {
-                        ExtentKind::Zero
-                    } else {
-                        ExtentKind::Data
-                    };
-                    match out.last_mut() {
-                        Some(last) if last.kind == kind => last.length += l,
-                        _ => out.push(Extent {
-                            offset: at,
-                            length: l,
-                            kind,
-                        }),
-                    }
-                    at += l;
-                }
+                let out = merge_extents(offset, &list);
                 if out.is_empty() {
                     return Ok(all_data());
                 }
@@ -334,55 +428,71 @@ impl Endpoint for NbdEndpoint {
     }
 
     fn connect_another(&self) -> Result<Option<Box<dyn Endpoint>>> {
-        // A server that serves one client at a time (qemu-nbd without
-        // --shared) accepts the socket but never greets a second client.
-        // Give up on extra connections after a wait scaled to how fast the
-        // first was greeted instead of hanging (qemu-nbd on a Unix socket
-        // greets in about a millisecond, so nbdcp waits 100 ms, not
-        // seconds), then restore the configured timeout.
+        // qemu-nbd by default serves one client at a time (`--shared=1`,
+        // and then it does not advertise multi-conn): a second connection
+        // to a server nbdcp started that way would sit in the listen
+        // backlog for the whole wait below, for nothing.
+        if self.target.server.is_some() && !self.client.multi_conn() {
+            return Ok(None);
+        }
+        // A server that serves one client at a time accepts the socket but
+        // never greets a second client. Give up on extra connections after
+        // a wait scaled to how fast the first was greeted instead of
+        // hanging (qemu-nbd on a Unix socket greets in about a
+        // millisecond, so nbdcp waits 100 ms, not seconds); the configured
+        // timeout applies afterwards.
         let wait = extra_connection_wait(self.handshake_time);
-        let opts = NbdOptions {
-            timeout: Some(self.opts.timeout.map_or(wait, |t| t.min(wait))),
-            ..self.opts.clone()
-        };
-        let attempt = NbdEndpoint::connect(&self.name, &self.uri, &opts).and_then(|mut ep| {
-            ep.client.set_timeout(self.opts.timeout)?;
-            ep.opts = self.opts.clone();
-            Ok(ep)
-        });
-        match attempt {
+        let timeout = Some(self.target.opts.timeout.map_or(wait, |t| t.min(wait)));
+        match NbdEndpoint::open(self.target.clone(), timeout) {
             Ok(ep) => Ok(Some(Box::new(ep))),
             Err(e) => {
-                log::info!("{}: cannot open another connection: {e}", self.name);
+                log::info!("{}: cannot open another connection: {e}", self.target.name);
                 Ok(None)
             }
         }
     }
 
-    fn can_reconnect(&self) -> bool {
-        true
-    }
-
     fn reconnect(&mut self) -> Result<()> {
-        let fresh = NbdEndpoint::connect(&self.name, &self.uri, &self.opts)?;
+        let fresh = Self::dial(&self.target, self.target.opts.timeout)?;
         // A server that came back as something else must not be written
         // to as if it were the same disk.
-        if fresh.client.size() != self.client.size() {
+        if fresh.size() != self.client.size() {
             return Err(Error::new(
                 ErrorKind::Protocol,
                 format!(
                     "the server came back with size {} instead of {}",
-                    fresh.client.size(),
+                    fresh.size(),
                     self.client.size()
                 ),
             )
-            .with_endpoint(&self.name)
+            .with_endpoint(&self.target.name)
             .with_operation(Operation::Reconnect));
         }
-        self.client = fresh.client;
+        let mut slot = lock(&self.interrupt);
+        slot.current = fresh.interrupter().ok();
+        if slot.interrupted {
+            // Cancelled while reconnecting: the new connection is broken
+            // off too, so the worker stops instead of starting again.
+            if let Some(i) = &slot.current {
+                i.interrupt();
+            }
+        }
+        drop(slot);
+        self.client = fresh;
         // Whatever the old connection wrote is redone on this one.
         self.dirty = false;
         Ok(())
+    }
+
+    fn interrupter(&self) -> Option<Interrupter> {
+        let slot = Arc::clone(&self.interrupt);
+        Some(Interrupter::new(move || {
+            let mut slot = lock(&slot);
+            slot.interrupted = true;
+            if let Some(i) = &slot.current {
+                i.interrupt();
+            }
+        }))
     }
 
     fn close(&mut self) -> Result<()> {
@@ -391,12 +501,36 @@ impl Endpoint for NbdEndpoint {
             // Saying goodbye to a server that has gone away loses nothing
             // when everything written was flushed (or nothing written).
             Err(e) if !self.dirty && is_transport(&e) => {
-                log::debug!("{}: disconnect: {e}", self.name);
+                log::debug!("{}: disconnect: {e}", self.target.name);
                 Ok(())
             }
             Err(e) => Err(self.ctx(e, Operation::Disconnect)),
         }
     }
+}
+
+/// Turn `base:allocation` answers (length, flags) from `offset` on into
+/// extents, neighbours of the same kind merged.
+fn merge_extents(offset: u64, list: &[(u64, u32)]) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::with_capacity(list.len());
+    let mut at = offset;
+    for &(length, flags) in list {
+        let kind = if flags & NBD_STATE_ZERO != 0 {
+            ExtentKind::Zero
+        } else {
+            ExtentKind::Data
+        };
+        match out.last_mut() {
+            Some(last) if last.kind == kind => last.length += length,
+            _ => out.push(Extent {
+                offset: at,
+                length,
+                kind,
+            }),
+        }
+        at += length;
+    }
+    out
 }
 
 /// The connection failed or stalled (as opposed to the server answering
@@ -416,6 +550,7 @@ fn extra_connection_wait(first_handshake: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::Payload;
     use nbd::testkit::FakeServer;
 
     #[test]
@@ -431,12 +566,11 @@ mod tests {
     }
 
     fn endpoint(server: &FakeServer, writable: bool) -> Result<NbdEndpoint> {
-        let opts = NbdOptions {
-            writable,
+        let opts = OpenOptions {
             timeout: Some(Duration::from_secs(10)),
-            ..NbdOptions::default()
+            ..OpenOptions::default()
         };
-        NbdEndpoint::connect("fake", &server.uri(), &opts)
+        NbdEndpoint::connect("fake", &server.uri(), &opts, writable)
     }
 
     #[test]
@@ -445,8 +579,9 @@ mod tests {
         let mut ep = endpoint(&server, true).unwrap();
         assert_eq!(ep.size(), Some(1 << 20));
         let caps = ep.capabilities();
-        assert!(caps.efficient_zero && caps.trim && caps.flush && caps.extents);
+        assert!(caps.flush && caps.extents && caps.reconnect);
         assert!(!caps.read_only && !caps.starts_zeroed && !caps.sequential);
+        assert!(ep.tuning().waits_on_peer);
         let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
         ep.write_at(&data, 4096).unwrap();
         ep.flush().unwrap();
@@ -461,7 +596,6 @@ mod tests {
         assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
         assert!(ext.iter().any(|e| e.kind == ExtentKind::Data));
         assert!(ext.iter().any(|e| e.kind == ExtentKind::Zero));
-        ep.trim(0, 4096).unwrap();
         let another = ep.connect_another().unwrap();
         assert!(another.is_some());
         ep.close().unwrap();
@@ -476,7 +610,7 @@ mod tests {
         ep.write_batch(&[
             WriteOp::Write {
                 offset: 0,
-                data: &a,
+                data: Payload::copied(&a),
             },
             WriteOp::Zero {
                 offset: 4096,
@@ -485,7 +619,7 @@ mod tests {
             },
             WriteOp::Write {
                 offset: 8192,
-                data: &b,
+                data: Payload::copied(&b),
             },
         ])
         .unwrap();
@@ -524,7 +658,7 @@ mod tests {
     fn zero_without_write_zeroes_writes_zero_buffers() {
         let server = FakeServer::start(16 << 20, |c| c.write_zeroes = false);
         let mut ep = endpoint(&server, true).unwrap();
-        assert!(!ep.capabilities().efficient_zero);
+        assert!(!ep.client().can_zero());
         ep.write_at(&vec![7u8; 1 << 20], 0).unwrap();
         ep.zero(0, 10 << 20, false).unwrap();
         let mut back = vec![1u8; 1 << 20];
@@ -597,7 +731,8 @@ mod tests {
         let e = NbdEndpoint::connect(
             "nbd+unix:///?socket=none.sock",
             &uri,
-            &NbdOptions::default(),
+            &OpenOptions::default(),
+            false,
         )
         .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Io);
@@ -644,7 +779,7 @@ mod tests {
     fn an_idle_connection_whose_server_went_away_flushes_and_closes() {
         let dir = tempfile::tempdir().unwrap();
         let (uri, t) = vanishing_server(dir.path(), 0);
-        let mut ep = NbdEndpoint::connect("gone", &uri, &NbdOptions::default()).unwrap();
+        let mut ep = NbdEndpoint::connect("gone", &uri, &OpenOptions::default(), true).unwrap();
         t.join().unwrap();
         // Nothing was written on it: nothing to flush, nothing lost.
         ep.flush().unwrap();
@@ -655,7 +790,7 @@ mod tests {
     fn a_dirty_connection_whose_server_went_away_fails_to_flush() {
         let dir = tempfile::tempdir().unwrap();
         let (uri, t) = vanishing_server(dir.path(), 1);
-        let mut ep = NbdEndpoint::connect("gone", &uri, &NbdOptions::default()).unwrap();
+        let mut ep = NbdEndpoint::connect("gone", &uri, &OpenOptions::default(), true).unwrap();
         ep.write_at(&[1u8; 4096], 0).unwrap();
         t.join().unwrap();
         let e = ep.flush().unwrap_err();

@@ -1,16 +1,17 @@
 //! Endpoint strings, as the command line takes them, and opening them.
 
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::Endpoint;
 use super::file::FileEndpoint;
-use super::nbd::{NbdEndpoint, NbdOptions};
+use super::nbd::NbdEndpoint;
 use super::null::NullEndpoint;
 use super::stream;
-use super::subprocess;
 use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::options::{DEFAULT_QUEUE_SIZE, DEFAULT_REQUESTS};
 use nbd::uri::NbdUri;
 
 /// URI schemes that name an NBD server.
@@ -35,20 +36,23 @@ pub enum EndpointSpec {
     /// An NBD URI such as `nbd://host/export` or `nbd+unix:///?socket=S`.
     Nbd(String),
     /// `[ CMD ARGS ... ]`: an NBD server to run with socket activation.
-    Command(Vec<String>),
+    /// The words are passed to it as given, whatever their encoding.
+    Command(Vec<OsString>),
 }
 
 impl EndpointSpec {
-    /// Classify an endpoint string.
-    pub fn parse(s: &str) -> EndpointSpec {
-        if s == "-" {
-            EndpointSpec::Stdio
-        } else if s == "null:" {
-            EndpointSpec::Null
-        } else if NBD_SCHEMES.iter().any(|p| s.starts_with(p)) {
-            EndpointSpec::Nbd(s.to_string())
-        } else {
-            EndpointSpec::Path(PathBuf::from(s))
+    /// Classify an endpoint string. Anything that is not `-`, `null:` or
+    /// an NBD URI is a path, taken byte for byte (a file name need not be
+    /// UTF-8).
+    pub fn parse(s: impl AsRef<OsStr>) -> EndpointSpec {
+        let s = s.as_ref();
+        match s.to_str() {
+            Some("-") => EndpointSpec::Stdio,
+            Some("null:") => EndpointSpec::Null,
+            Some(uri) if NBD_SCHEMES.iter().any(|p| uri.starts_with(p)) => {
+                EndpointSpec::Nbd(uri.to_string())
+            }
+            _ => EndpointSpec::Path(PathBuf::from(s)),
         }
     }
 
@@ -65,7 +69,13 @@ impl fmt::Display for EndpointSpec {
             EndpointSpec::Stdio => write!(f, "-"),
             EndpointSpec::Null => write!(f, "null:"),
             EndpointSpec::Nbd(uri) => write!(f, "{uri}"),
-            EndpointSpec::Command(argv) => write!(f, "[ {} ]", argv.join(" ")),
+            EndpointSpec::Command(argv) => {
+                f.write_str("[")?;
+                for word in argv {
+                    write!(f, " {}", word.to_string_lossy())?;
+                }
+                f.write_str(" ]")
+            }
         }
     }
 }
@@ -82,22 +92,12 @@ pub struct OpenOptions {
 }
 
 impl Default for OpenOptions {
+    /// [`CopyOptions`](crate::CopyOptions)' defaults.
     fn default() -> Self {
         OpenOptions {
-            requests: 64,
-            queue_size: 16 * 1024 * 1024,
+            requests: DEFAULT_REQUESTS,
+            queue_size: DEFAULT_QUEUE_SIZE,
             timeout: None,
-        }
-    }
-}
-
-impl OpenOptions {
-    fn nbd(&self, writable: bool) -> NbdOptions {
-        NbdOptions {
-            requests: self.requests,
-            queue_size: self.queue_size,
-            timeout: self.timeout,
-            writable,
         }
     }
 }
@@ -170,9 +170,7 @@ fn open_path(
 fn connect_nbd(uri: &str, writable: bool, options: &OpenOptions) -> Result<Box<dyn Endpoint>> {
     let parsed = NbdUri::parse(uri).map_err(|e| Error::from(e).with_endpoint(uri))?;
     Ok(Box::new(NbdEndpoint::connect(
-        uri,
-        &parsed,
-        &options.nbd(writable),
+        uri, &parsed, options, writable,
     )?))
 }
 
@@ -183,10 +181,11 @@ pub fn open_source(spec: &EndpointSpec, options: &OpenOptions) -> Result<Box<dyn
         EndpointSpec::Stdio => stream::open_stdin(),
         EndpointSpec::Null => Err(Error::usage("null: can only be a destination")),
         EndpointSpec::Nbd(uri) => connect_nbd(uri, false, options),
-        EndpointSpec::Command(argv) => Ok(Box::new(subprocess::SubprocessEndpoint::open(
+        EndpointSpec::Command(argv) => Ok(Box::new(NbdEndpoint::start(
             &spec.name(),
             argv,
-            &options.nbd(false),
+            options,
+            false,
         )?)),
     }
 }
@@ -203,11 +202,9 @@ pub fn open_destination(
         EndpointSpec::Stdio => stream::open_stdout(source_size)?,
         EndpointSpec::Null => Box::new(NullEndpoint),
         EndpointSpec::Nbd(uri) => connect_nbd(uri, true, options)?,
-        EndpointSpec::Command(argv) => Box::new(subprocess::SubprocessEndpoint::open(
-            &spec.name(),
-            argv,
-            &options.nbd(true),
-        )?),
+        EndpointSpec::Command(argv) => {
+            Box::new(NbdEndpoint::start(&spec.name(), argv, options, true)?)
+        }
     };
     if ep.capabilities().read_only {
         return Err(

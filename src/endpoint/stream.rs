@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 
 use super::file::FileEndpoint;
-use super::{Capabilities, Endpoint};
+use super::{Capabilities, Endpoint, Tuning};
 use crate::error::{Error, ErrorKind, Operation, Result};
 
 /// The name streams go by in messages.
@@ -157,9 +157,15 @@ impl Endpoint for StreamEndpoint {
         Capabilities {
             read_only: !self.writable,
             sequential: true,
-            // The pipe holds this much: larger batches only cost memory.
-            batch_hint: PIPE_SIZE as usize,
             ..Capabilities::default()
+        }
+    }
+
+    fn tuning(&self) -> Tuning {
+        Tuning {
+            // The pipe holds this much: larger batches only cost memory.
+            batch_size: PIPE_SIZE as usize,
+            ..Tuning::default()
         }
     }
 

@@ -8,12 +8,12 @@
 //! is listening before the server even starts, there is no readiness race:
 //! connections made at once wait in the backlog until the server accepts.
 //!
-//! The server lives as long as the last [`SubprocessEndpoint`] handle on it
-//! (they share one [`ServerProcess`]); dropping that stops it with SIGTERM,
-//! then SIGKILL.
+//! The server lives as long as the last [`NbdEndpoint`](super::nbd::NbdEndpoint)
+//! connection to it (they share one [`ServerProcess`]); dropping that stops
+//! it with SIGTERM, then SIGKILL.
 
 use std::ffi::{CString, OsString};
-use std::fmt::{self, Write as _};
+use std::fmt::Write as _;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -21,14 +21,11 @@ use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::endpoint::nbd::{NbdEndpoint, NbdOptions};
-use crate::endpoint::{BlockSize, Capabilities, Endpoint, Extent, ReadOp, WriteOp};
+use super::children;
 use crate::error::{Error, ErrorKind, Operation, Result};
-use crate::signals;
-use nbd::uri::NbdUri;
 
 /// How long [`ServerProcess`]'s drop waits after SIGTERM before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
@@ -87,14 +84,14 @@ impl ServerProcess {
     /// inherited, because nbdcp may itself be writing the image to stdout
     /// and a chatty server must not corrupt that stream. It runs in its own
     /// process group so that a terminal Ctrl-C reaches nbdcp alone, which
-    /// then stops the server after its workers (see [`crate::signals`]).
+    /// then stops the server after its workers.
     ///
     /// The child asks for SIGTERM when its parent dies
     /// (`PR_SET_PDEATHSIG`), so that even `kill -9 nbdcp` does not leave a
     /// server behind. Linux ties that to the *thread* that forked, so call
     /// this from a thread that lives as long as the server is needed (the
     /// main thread), not from a short-lived worker.
-    pub fn spawn(argv: &[String]) -> Result<ServerProcess> {
+    pub fn spawn(argv: &[OsString]) -> Result<ServerProcess> {
         let program = match argv.first() {
             Some(p) if !p.is_empty() => p,
             _ => {
@@ -193,7 +190,7 @@ impl ServerProcess {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(Error::new(
                     ErrorKind::Usage,
-                    format!("server command `{program}` not found"),
+                    format!("server command `{}` not found", program.to_string_lossy()),
                 ));
             }
             Err(e) => {
@@ -213,7 +210,7 @@ impl ServerProcess {
         // The Child handle is not used for waiting: reaping goes through
         // the signal registry so that a reaped pid is never signalled.
         drop(child);
-        signals::register_child(pid);
+        children::register(pid);
         log::debug!("started server command `{command}` as pid {pid}");
 
         std::mem::forget(cleanup);
@@ -252,7 +249,7 @@ impl ServerProcess {
     pub fn exit_status(&self) -> Option<String> {
         let mut slot = self.status_slot();
         if slot.is_none() {
-            match signals::try_reap(self.pid) {
+            match children::try_reap(self.pid) {
                 Ok(Some(status)) => *slot = Some(Ended::Status(status)),
                 Ok(None) => {}
                 Err(_) => *slot = Some(Ended::Unknown),
@@ -294,15 +291,24 @@ impl ServerProcess {
 
     /// The error for a first connection that failed: the exit status if the
     /// server died, since "connection reset" would hide the real cause.
-    fn explain_failure(&self, name: &str, err: Error) -> Error {
+    pub(crate) fn explain_failure(&self, name: &str, err: Error) -> Error {
         match self.wait_exit(EXIT_WAIT_ON_ERROR) {
             Some(how) => Error::new(
                 ErrorKind::Io,
                 format!("server command `{}` {how}", self.command),
             )
-            .with_endpoint(name),
+            .with_endpoint(name)
+            .with_source(err),
             None => err,
         }
+    }
+
+    /// After an operation failed on a broken connection: how the server
+    /// ended, if it has (waiting a moment for it, on this error path only,
+    /// since the connection breaks a moment before the server is reaped).
+    pub(crate) fn death_note(&self) -> Option<String> {
+        self.wait_exit(DEATH_WAIT_ON_ERROR)
+            .map(|how| format!("the server {how}"))
     }
 }
 
@@ -322,7 +328,7 @@ impl Drop for ServerProcess {
                 while self.wait_exit(Duration::from_secs(1)).is_none() {}
             }
         }
-        signals::unregister_child(self.pid);
+        children::unregister(self.pid);
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_dir(&self.dir);
     }
@@ -465,9 +471,10 @@ fn make_private_dir() -> Result<PathBuf> {
 }
 
 /// The command line for messages, quoting arguments a shell would split.
-fn display_argv(argv: &[String]) -> String {
+fn display_argv(argv: &[OsString]) -> String {
     let mut out = String::new();
     for (i, arg) in argv.iter().enumerate() {
+        let arg = arg.to_string_lossy();
         if i > 0 {
             out.push(' ');
         }
@@ -476,7 +483,7 @@ fn display_argv(argv: &[String]) -> String {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_=./:,+@%".contains(&b));
         if plain {
-            out.push_str(arg);
+            out.push_str(&arg);
         } else {
             out.push('\'');
             out.push_str(&arg.replace('\'', "'\\''"));
@@ -488,13 +495,7 @@ fn display_argv(argv: &[String]) -> String {
 
 /// The text of an I/O error without Rust's "(os error N)" suffix, for
 /// messages that put it after their own context.
-fn io_text(err: &io::Error) -> String {
-    let text = err.to_string();
-    match text.find(" (os error ") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
-}
+use nbd::error::describe_io as io_text;
 
 /// "exited with status N" or "was killed by signal N".
 fn describe_status(status: libc::c_int) -> String {
@@ -509,191 +510,14 @@ fn describe_status(status: libc::c_int) -> String {
     s
 }
 
-/// What all handles on one subprocess share.
-struct Shared {
-    name: String,
-    uri: NbdUri,
-    opts: NbdOptions,
-    server: ServerProcess,
-}
-
-/// One NBD connection to a server subprocess.
-///
-/// All handles made with [`Endpoint::connect_another`] share the
-/// [`ServerProcess`]; the server is stopped when the last one is dropped.
-pub struct SubprocessEndpoint {
-    // Declared first so the connection closes before the last handle
-    // stops the server.
-    inner: NbdEndpoint,
-    shared: Arc<Shared>,
-}
-
-impl SubprocessEndpoint {
-    /// Start `argv` as a socket-activated NBD server and connect to it.
-    ///
-    /// If the server exits instead of answering, the error gives its exit
-    /// status. A server that neither exits nor answers (a command that
-    /// ignores fd 3) is only detected if `opts.timeout` is set.
-    pub fn open(name: &str, argv: &[String], opts: &NbdOptions) -> Result<SubprocessEndpoint> {
-        let server = ServerProcess::spawn(argv).map_err(|e| e.with_endpoint(name))?;
-        let uri = NbdUri::unix(server.socket_path(), "");
-        let inner = match NbdEndpoint::connect(name, &uri, opts) {
-            Ok(inner) => inner,
-            Err(err) => return Err(server.explain_failure(name, err)),
-        };
-        Ok(SubprocessEndpoint {
-            inner,
-            shared: Arc::new(Shared {
-                name: name.to_string(),
-                uri,
-                opts: opts.clone(),
-                server,
-            }),
-        })
-    }
-
-    /// The server process behind this handle.
-    pub fn server(&self) -> &ServerProcess {
-        &self.shared.server
-    }
-
-    /// When an operation fails because the connection broke and the
-    /// server has died, say so in the error itself: "connection reset"
-    /// alone does not say why, and a separate log line would make two
-    /// lines of one failure.
-    fn note<T>(&self, result: Result<T>) -> Result<T> {
-        let err = match result {
-            Ok(v) => return Ok(v),
-            Err(err) => err,
-        };
-        // After SIGINT/SIGTERM nbdcp itself stopped the server: no news.
-        // A server error or protocol violation already says what it is.
-        if signals::received().is_some() || err.kind() != ErrorKind::Io {
-            return Err(err);
-        }
-        // The connection breaks a moment before the dying server can be
-        // reaped; wait a little for it, on this error path only.
-        let Some(how) = self.shared.server.wait_exit(DEATH_WAIT_ON_ERROR) else {
-            return Err(err);
-        };
-        let text = err.to_string();
-        let prefix = format!("{}: ", self.shared.name);
-        let text = text.strip_prefix(&prefix).unwrap_or(&text);
-        let mut e = Error::new(ErrorKind::Io, format!("{text} (the server {how})"))
-            .with_endpoint(&self.shared.name);
-        if let Some(offset) = err.offset() {
-            e = e.at_offset(offset);
-        }
-        Err(e)
-    }
-}
-
-impl fmt::Debug for SubprocessEndpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SubprocessEndpoint")
-            .field("name", &self.shared.name)
-            .field("server", &self.shared.server)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Endpoint for SubprocessEndpoint {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-
-    fn size(&self) -> Option<u64> {
-        self.inner.size()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
-    fn block_size(&self) -> BlockSize {
-        self.inner.block_size()
-    }
-
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let r = self.inner.read_at(buf, offset);
-        self.note(r)
-    }
-
-    fn read_stream(&mut self, buf: &mut [u8], offset: u64) -> Result<usize> {
-        let r = self.inner.read_stream(buf, offset);
-        self.note(r)
-    }
-
-    fn read_batch(&mut self, ops: &mut [ReadOp<'_>]) -> Result<()> {
-        let r = self.inner.read_batch(ops);
-        self.note(r)
-    }
-
-    fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
-        let r = self.inner.write_at(data, offset);
-        self.note(r)
-    }
-
-    fn zero(&mut self, offset: u64, length: u64, allocate: bool) -> Result<()> {
-        let r = self.inner.zero(offset, length, allocate);
-        self.note(r)
-    }
-
-    fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
-        let r = self.inner.write_batch(ops);
-        self.note(r)
-    }
-
-    fn settle(&mut self) -> Result<()> {
-        let r = self.inner.settle();
-        self.note(r)
-    }
-
-    fn trim(&mut self, offset: u64, length: u64) -> Result<()> {
-        let r = self.inner.trim(offset, length);
-        self.note(r)
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        let r = self.inner.flush();
-        self.note(r)
-    }
-
-    fn extents(&mut self, offset: u64, length: u64) -> Result<Vec<Extent>> {
-        let r = self.inner.extents(offset, length);
-        self.note(r)
-    }
-
-    /// Another connection to the same server, or `None` unless the server
-    /// advertises multi-conn. The check is not only about consistency:
-    /// qemu-nbd by default serves one client at a time (`--shared=1`, and
-    /// then it does not advertise multi-conn), so a second connection would
-    /// sit in the listen backlog and its handshake would never finish.
-    fn connect_another(&self) -> Result<Option<Box<dyn Endpoint>>> {
-        if !self.inner.capabilities().multi_conn {
-            return Ok(None);
-        }
-        let shared = &self.shared;
-        let inner = NbdEndpoint::connect(&shared.name, &shared.uri, &shared.opts);
-        let inner = self.note(inner)?;
-        Ok(Some(Box::new(SubprocessEndpoint {
-            inner,
-            shared: Arc::clone(shared),
-        })))
-    }
-
-    fn close(&mut self) -> Result<()> {
-        let r = self.inner.close();
-        self.note(r)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::nbd::NbdEndpoint;
+    use crate::endpoint::{Endpoint, OpenOptions};
 
-    fn strings(args: &[&str]) -> Vec<String> {
-        args.iter().map(|s| s.to_string()).collect()
+    fn strings(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
     }
 
     #[test]
@@ -774,24 +598,26 @@ mod tests {
         assert_eq!(unsafe { libc::kill(pid, 0) }, -1);
     }
 
-    fn nbdkit_memory() -> SubprocessEndpoint {
-        let opts = NbdOptions {
-            writable: true,
-            ..NbdOptions::default()
-        };
-        SubprocessEndpoint::open("[ nbdkit ]", &strings(&["nbdkit", "memory", "1M"]), &opts)
-            .unwrap()
+    fn nbdkit_memory() -> NbdEndpoint {
+        let argv = strings(&["nbdkit", "memory", "1M"]);
+        NbdEndpoint::start("[ nbdkit ]", &argv, &OpenOptions::default(), true).unwrap()
     }
 
     #[test]
     fn nbdkit_by_socket_activation_with_shared_connections() {
         let mut first = nbdkit_memory();
         assert_eq!(first.size(), Some(1 << 20));
-        assert!(first.capabilities().multi_conn);
+        assert!(first.multi_conn());
         first.write_at(b"hello", 4096).unwrap();
         first.flush().unwrap();
-        let pid = first.server().pid() as libc::pid_t;
-        let dir = first.server().socket_path().parent().unwrap().to_path_buf();
+        let pid = first.server().unwrap().pid() as libc::pid_t;
+        let dir = first
+            .server()
+            .unwrap()
+            .socket_path()
+            .parent()
+            .unwrap()
+            .to_path_buf();
 
         let mut second = first.connect_another().unwrap().expect("multi-conn");
         let mut buf = [0u8; 5];
@@ -817,14 +643,14 @@ mod tests {
         std::fs::write(&img, vec![7u8; 65536 + 512]).unwrap();
         let argv = strings(&["qemu-nbd", "-f", "raw", img.to_str().unwrap()]);
         let mut ep =
-            SubprocessEndpoint::open("[ qemu-nbd ]", &argv, &NbdOptions::default()).unwrap();
+            NbdEndpoint::start("[ qemu-nbd ]", &argv, &OpenOptions::default(), false).unwrap();
         assert_eq!(ep.size(), Some(65536 + 512));
         let mut buf = vec![0u8; 512];
         ep.read_at(&mut buf, 65536).unwrap();
         assert!(buf.iter().all(|&b| b == 7));
         // qemu-nbd serves one client unless given --shared: a second
         // connection would hang in the backlog, so none is offered.
-        assert!(!ep.capabilities().multi_conn);
+        assert!(!ep.multi_conn());
         assert!(ep.connect_another().unwrap().is_none());
         ep.close().unwrap();
     }
@@ -834,7 +660,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.img");
         let argv = strings(&["qemu-nbd", "-f", "raw", missing.to_str().unwrap()]);
-        let err = SubprocessEndpoint::open("src", &argv, &NbdOptions::default()).unwrap_err();
+        let err = NbdEndpoint::start("src", &argv, &OpenOptions::default(), false).unwrap_err();
         let text = err.to_string();
         assert!(
             text.starts_with("src: server command `qemu-nbd -f raw "),

@@ -68,6 +68,12 @@ pub enum WriteCmd<'a> {
         offset: u64,
         /// Bytes to write.
         data: &'a [u8],
+        /// The payload may be lent to the kernel instead of copied (on a
+        /// Unix socket, for 64 KiB or more). Then, after an I/O error, the
+        /// server may still read `data` later: the caller must not put
+        /// other bytes in that memory. With `false` the bytes are copied
+        /// and the memory is free again when the call returns.
+        lend: bool,
     },
     /// `NBD_CMD_WRITE_ZEROES`; on servers without it, zero bytes are
     /// written from a static buffer instead.
@@ -516,8 +522,8 @@ impl Client {
     }
 
     /// Put a request header and its payload on the socket.
-    fn send_bytes(&mut self, header: &[u8], payload: &[u8]) -> io::Result<()> {
-        let lend = self.splice_pipe(payload.len());
+    fn send_bytes(&mut self, header: &[u8], payload: &[u8], may_lend: bool) -> io::Result<()> {
+        let lend = may_lend && self.splice_pipe(payload.len());
         let socket = self.reader.get_ref();
         let pipe = match &self.splice {
             Splicing::On(pipe) if lend => pipe,
@@ -560,6 +566,7 @@ impl Client {
         offset: u64,
         length: u32,
         payload: &[u8],
+        lend: bool,
         target: usize,
         buf_start: usize,
     ) -> Result<()> {
@@ -573,7 +580,7 @@ impl Client {
             length,
         }
         .encode();
-        if let Err(e) = self.send_bytes(&header, payload) {
+        if let Err(e) = self.send_bytes(&header, payload, lend) {
             return Err(self.io_error(op, e));
         }
         let i = self.free_slot();
@@ -1019,6 +1026,7 @@ impl Client {
                     at,
                     len as u32,
                     &[],
+                    false,
                     idx,
                     pos,
                 )?;
@@ -1044,7 +1052,7 @@ impl Client {
     fn next_write(&self, cmd: &WriteCmd<'_>, done: u64) -> Result<Option<SubRequest>> {
         let max = u64::from(self.max_request);
         let (op, offset, total) = match *cmd {
-            WriteCmd::Write { offset, data } => (Operation::Write, offset, data.len() as u64),
+            WriteCmd::Write { offset, data, .. } => (Operation::Write, offset, data.len() as u64),
             WriteCmd::WriteZeroes { offset, length, .. } => (Operation::Zero, offset, length),
             WriteCmd::Trim { offset, length } => (Operation::Trim, offset, length),
         };
@@ -1194,12 +1202,13 @@ impl Client {
                     continue;
                 };
                 current = Some((cmd, done));
-                let payload: &[u8] = match (command, cmd) {
-                    (NBD_CMD_WRITE, WriteCmd::Write { data, .. }) => {
-                        &data[data_at..data_at + length as usize]
+                let (payload, lend): (&[u8], bool) = match (command, cmd) {
+                    (NBD_CMD_WRITE, WriteCmd::Write { data, lend, .. }) => {
+                        (&data[data_at..data_at + length as usize], lend)
                     }
-                    (NBD_CMD_WRITE, _) => &ZERO_BUF[..length as usize],
-                    _ => &[],
+                    // A static of zeroes is never refilled: safe to lend.
+                    (NBD_CMD_WRITE, _) => (&ZERO_BUF[..length as usize], true),
+                    _ => (&[], false),
                 };
                 let counted = payload.len() as u64;
                 if self.in_flight > 0 && self.write_bytes_in_flight + counted > max_bytes {
@@ -1208,7 +1217,7 @@ impl Client {
                 if self.in_flight > 0 && self.overlaps_in_flight(offset, length) {
                     break;
                 }
-                self.send(op, command, flags, offset, length, payload, 0, 0)?;
+                self.send(op, command, flags, offset, length, payload, lend, 0, 0)?;
                 self.write_bytes_in_flight += counted;
                 current = Some((cmd, done + u64::from(length)));
             }
@@ -1240,7 +1249,7 @@ impl Client {
         length: u32,
     ) -> Result<()> {
         self.check_alive(op)?;
-        self.send(op, command, flags, offset, length, &[], 0, 0)?;
+        self.send(op, command, flags, offset, length, &[], false, 0, 0)?;
         self.settle()
     }
 

@@ -131,6 +131,7 @@ fn large_requests_are_split_to_the_server_maximum() {
         [WriteCmd::Write {
             offset: 0,
             data: &new,
+            lend: true,
         }],
         4,
         1 << 20,
@@ -197,10 +198,12 @@ fn writes_zeroes_trims_and_flush() {
             WriteCmd::Write {
                 offset: 0,
                 data: &a,
+                lend: true,
             },
             WriteCmd::Write {
                 offset: 200_000,
                 data: &b,
+                lend: true,
             },
             WriteCmd::WriteZeroes {
                 offset: 10_000,
@@ -212,6 +215,7 @@ fn writes_zeroes_trims_and_flush() {
             WriteCmd::Write {
                 offset: 50_000,
                 data: &b,
+                lend: true,
             },
             WriteCmd::Trim {
                 offset: 900_000,
@@ -303,6 +307,7 @@ fn unsupported_commands_are_refused_locally() {
             [WriteCmd::Write {
                 offset: 0,
                 data: &[1],
+                lend: true,
             }],
             1,
             1,
@@ -353,6 +358,7 @@ fn server_errors_leave_the_connection_usable() {
                 [WriteCmd::Write {
                     offset: 69_000,
                     data: &[1u8; 2000],
+                    lend: true,
                 }],
                 4,
                 1 << 20,
@@ -424,6 +430,7 @@ fn read_chunk_for_a_write_is_a_protocol_error() {
             [WriteCmd::Write {
                 offset: 0,
                 data: &[1u8; 512],
+                lend: true,
             }],
             4,
             1 << 20,
@@ -692,10 +699,12 @@ fn send_writes_leaves_replies_to_settle() {
             WriteCmd::Write {
                 offset: 0,
                 data: &good,
+                lend: true,
             },
             WriteCmd::Write {
                 offset: 69_632,
                 data: &good,
+                lend: true,
             },
         ],
         4,
@@ -718,6 +727,7 @@ fn send_writes_leaves_replies_to_settle() {
         [WriteCmd::Write {
             offset: 8192,
             data: &good,
+            lend: true,
         }],
         4,
         1 << 20,
@@ -746,6 +756,7 @@ fn send_writes_bounds_bytes_left_in_flight_by_earlier_calls() {
             [WriteCmd::Write {
                 offset: i * 4096,
                 data: &data,
+                lend: true,
             }],
             64,
             8192,

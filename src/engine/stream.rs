@@ -13,7 +13,7 @@ use super::worker::{Shared, write_batch};
 /// Copy `source` to `destination` until the source ends. Returns the number
 /// of bytes copied.
 pub(crate) fn copy(
-    shared: &Shared<'_>,
+    shared: &Shared,
     source: &mut dyn Endpoint,
     destination: &mut dyn Endpoint,
 ) -> Result<u64> {
@@ -21,9 +21,7 @@ pub(crate) fn copy(
     let mut batch = Batch::default();
     let mut offset = 0u64;
     loop {
-        if shared.cancel.is_cancelled() {
-            return Err(Error::new(ErrorKind::Cancelled, "copy cancelled"));
-        }
+        shared.check_cancelled()?;
         let mut cursor = Cursor::new(vec![Extent {
             offset,
             length: limits.batch_bytes as u64,

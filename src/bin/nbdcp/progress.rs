@@ -1,72 +1,13 @@
-//! Progress: counting completed bytes, and showing them to a person or a
-//! program.
+//! Showing progress: a bar on standard error, or `N/100` lines on a file
+//! descriptor as nbdcopy's `--progress=FD` writes them.
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A snapshot of how far a copy has got.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Progress {
-    /// Source bytes whose destination operations have completed.
-    pub done: u64,
-    /// Source size, if known (not for a pipe).
-    pub total: Option<u64>,
-}
-
-impl Progress {
-    /// Whole percent done, 0 to 100; 0 when the total is unknown.
-    pub fn percent(&self) -> u64 {
-        match self.total {
-            Some(0) => 100,
-            Some(total) => (self.done.min(total) as u128 * 100 / total as u128) as u64,
-            None => 0,
-        }
-    }
-}
-
-/// A function told about progress, called from worker threads.
-pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
-
-/// Counts completed bytes across workers and tells the callback.
-pub(crate) struct Tracker {
-    done: AtomicU64,
-    total: Option<u64>,
-    callback: Option<ProgressFn>,
-}
-
-impl Tracker {
-    pub(crate) fn new(total: Option<u64>, callback: Option<ProgressFn>) -> Tracker {
-        Tracker {
-            done: AtomicU64::new(0),
-            total,
-            callback,
-        }
-    }
-
-    /// Record `bytes` more as completed.
-    pub(crate) fn add(&self, bytes: u64) {
-        let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if let Some(cb) = &self.callback {
-            cb(Progress {
-                done,
-                total: self.total,
-            });
-        }
-    }
-
-    /// Take back `bytes` counted for work that must be redone.
-    pub(crate) fn sub(&self, bytes: u64) {
-        self.done.fetch_sub(bytes, Ordering::Relaxed);
-    }
-
-    pub(crate) fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
-    }
-}
+use nbdcp::Progress;
 
 /// Writes `N/100` lines to a file descriptor, as nbdcopy's `--progress=FD`
 /// does: `0/100` first, a line each time the percentage changes, and
@@ -212,33 +153,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percent_is_bounded_and_handles_empty_sources() {
-        let p = |done, total| Progress { done, total }.percent();
-        assert_eq!(p(0, Some(0)), 100);
-        assert_eq!(p(50, Some(200)), 25);
-        assert_eq!(p(300, Some(200)), 100);
-        assert_eq!(p(u64::MAX, Some(u64::MAX)), 100);
-        assert_eq!(p(10, None), 0);
-    }
-
-    #[test]
     fn human_units() {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");
-    }
-
-    #[test]
-    fn tracker_sums_and_calls_back() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s = seen.clone();
-        let t = Tracker::new(
-            Some(100),
-            Some(Arc::new(move |p: Progress| s.lock().unwrap().push(p.done))),
-        );
-        t.add(30);
-        t.add(70);
-        assert_eq!(t.done(), 100);
-        assert_eq!(*seen.lock().unwrap(), vec![30, 100]);
     }
 }

@@ -1,10 +1,5 @@
 //! Cutting the source into disjoint segments that workers copy whole.
 
-/// The default segment size: large enough that per-segment costs (one
-/// block-status query, a queue hand-off) vanish, small enough that
-/// several workers share the work of a multi-gigabyte image evenly.
-pub const DEFAULT_SEGMENT_SIZE: u64 = 128 * 1024 * 1024;
-
 /// A half-open byte range `[offset, offset + length)` of the source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
@@ -38,6 +33,7 @@ pub fn plan(size: u64, segment_size: u64) -> impl Iterator<Item = Segment> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::options::DEFAULT_SEGMENT_SIZE;
 
     fn check_cover(size: u64, seg: u64) {
         let segs: Vec<_> = plan(size, seg).collect();

@@ -6,12 +6,12 @@
 //! data for zero runs and produces the destination operations, in offset
 //! order so that sequential destinations (stdout) receive bytes in order.
 
-use crate::endpoint::{Extent, ExtentKind, ReadOp, WriteOp};
+use crate::endpoint::{Extent, ExtentKind, Payload, ReadOp, WriteBuffer, WriteOp};
 
 use super::zero;
 
 /// How batches are shaped; fixed for a copy.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest source read; reads are aligned to multiples of it.
     pub chunk: usize,
@@ -59,9 +59,6 @@ enum Item {
     Zero { offset: u64, len: u64 },
 }
 
-/// Size of a transparent huge page on x86-64 and arm64 (4 KiB pages).
-const HUGE_PAGE: usize = 2 * 1024 * 1024;
-
 /// A planned destination operation; data lives in the batch buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
@@ -76,69 +73,12 @@ enum Op {
     },
 }
 
-/// A page-aligned buffer of zero bytes.
-///
-/// The kernel copies between the page cache or a socket and user memory
-/// with `rep movs`, which on common x86 processors runs at a fraction of
-/// its speed when the user buffer is not page-aligned (measured here: 1 GiB
-/// of `pread` into a heap `Vec` took 0.85 s of CPU against 0.3 s aligned).
-/// An anonymous mapping is page-aligned, and its pages are only backed when
-/// touched, so a sparse image does not cost its buffer size in memory.
-///
-/// Buffers of a huge page or more ask for transparent huge pages: fewer
-/// pages for the kernel to walk when it copies into them or, on Unix
-/// sockets, pins them to lend them to the socket (qcow2 to qcow2 through
-/// qemu-nbd, 8 alternating runs: 0.55 s of CPU against 0.65 s, and the
-/// receiving server spends less too).
-#[derive(Debug, Default)]
-enum PageBuffer {
-    #[default]
-    Empty,
-    Mapped(memmap2::MmapMut),
-    /// Used only if the mapping fails: slower, but still correct.
-    Heap(Vec<u8>),
-}
-
-impl PageBuffer {
-    fn new(len: usize) -> PageBuffer {
-        match memmap2::MmapMut::map_anon(len) {
-            Ok(map) => {
-                if len >= HUGE_PAGE {
-                    // Only a hint: without huge pages the buffer still works.
-                    let _ = map.advise(memmap2::Advice::HugePage);
-                }
-                PageBuffer::Mapped(map)
-            }
-            Err(_) => PageBuffer::Heap(vec![0u8; len]),
-        }
-    }
-}
-
-impl std::ops::Deref for PageBuffer {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            PageBuffer::Empty => &[],
-            PageBuffer::Mapped(m) => m,
-            PageBuffer::Heap(v) => v,
-        }
-    }
-}
-
-impl std::ops::DerefMut for PageBuffer {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        match self {
-            PageBuffer::Empty => &mut [],
-            PageBuffer::Mapped(m) => m,
-            PageBuffer::Heap(v) => v,
-        }
-    }
-}
-
 /// Buffers and plans for one batch; reused from batch to batch.
 #[derive(Debug, Default)]
 pub struct Batch {
-    buf: PageBuffer,
+    /// Replaced, never refilled, once an endpoint poisons it (see
+    /// [`WriteBuffer`]).
+    buf: Option<WriteBuffer>,
     reads: Vec<ReadSlot>,
     items: Vec<Item>,
     ops: Vec<Op>,
@@ -165,10 +105,23 @@ impl Batch {
         self.covered = 0;
     }
 
+    /// The batch's memory to fill, at least `len` bytes: a fresh buffer
+    /// if the one it had is too small or was poisoned by a failed
+    /// connection that may still read it.
+    fn memory(&mut self, len: usize) -> &mut [u8] {
+        memory(&mut self.buf, len)
+    }
+
+    /// The batch's contents.
+    fn bytes(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[], WriteBuffer::as_slice)
+    }
+
     /// The source reads of this batch, borrowing the buffer.
     pub fn read_ops(&mut self) -> Vec<ReadOp<'_>> {
         let mut out = Vec::with_capacity(self.reads.len());
-        let mut rest: &mut [u8] = &mut self.buf[..self.used];
+        let used = self.used;
+        let mut rest: &mut [u8] = &mut memory(&mut self.buf, used)[..used];
         for slot in &self.reads {
             let (head, tail) = rest.split_at_mut(slot.len);
             out.push(ReadOp {
@@ -189,7 +142,7 @@ impl Batch {
                 Item::Zero { offset, len } => push_zero(&mut ops, limits, offset, len),
                 Item::Data(i) => {
                     let slot = self.reads[i];
-                    let data = &self.buf[slot.start..slot.start + slot.len];
+                    let data = &self.bytes()[slot.start..slot.start + slot.len];
                     zero::scan(data, limits.sparse, |run| {
                         let offset = slot.offset + run.start as u64;
                         let len = run.end - run.start;
@@ -215,7 +168,8 @@ impl Batch {
         }
         match ops.last_mut() {
             Some(Op::Write { offset, start, len }) if *offset + *len as u64 == limits.tail_end => {
-                self.buf[*start + *len..*start + *len + pad].fill(0);
+                let end = *start + *len + pad;
+                self.memory(end)[*start + *len..end].fill(0);
                 *len += pad;
             }
             Some(Op::Zero { offset, len }) if *offset + *len == limits.tail_end => {
@@ -255,7 +209,10 @@ impl Batch {
             .map(|op| match *op {
                 Op::Write { offset, start, len } => WriteOp::Write {
                     offset,
-                    data: &self.buf[start..start + len],
+                    data: match &self.buf {
+                        Some(buf) => Payload::lendable(buf, start..start + len),
+                        None => Payload::copied(&[]),
+                    },
                 },
                 Op::Zero { offset, len } => WriteOp::Zero {
                     offset,
@@ -264,6 +221,23 @@ impl Batch {
                 },
             })
             .collect()
+    }
+}
+
+/// At least `len` bytes of `buf` to fill: a fresh buffer if the one there
+/// is too small or was poisoned by a failed connection that may still
+/// read it.
+fn memory(buf: &mut Option<WriteBuffer>, len: usize) -> &mut [u8] {
+    let usable = buf
+        .as_ref()
+        .is_some_and(|b| b.len() >= len && !b.is_poisoned());
+    if !usable {
+        *buf = Some(WriteBuffer::new(len));
+    }
+    match buf.as_mut().and_then(WriteBuffer::as_mut_slice) {
+        Some(memory) => memory,
+        // Just checked or made: neither missing nor poisoned.
+        None => &mut [],
     }
 }
 
@@ -322,9 +296,7 @@ impl Cursor {
     /// Clear `batch` and fill it with the next requests.
     pub fn fill(&mut self, batch: &mut Batch, limits: &Limits) {
         batch.clear();
-        if batch.buf.len() < limits.batch_bytes {
-            batch.buf = PageBuffer::new(limits.batch_bytes);
-        }
+        batch.memory(limits.batch_bytes);
         while let Some(e) = self.extents.get(self.index).copied() {
             let remaining = e.end() - self.pos;
             // Every item, data or zero, is one request on the wire.
@@ -352,7 +324,7 @@ impl Cursor {
                     } else {
                         len
                     };
-                    if request_count >= limits.requests || batch.used + room > batch.buf.len() {
+                    if request_count >= limits.requests || batch.used + room > limits.batch_bytes {
                         break;
                     }
                     batch.items.push(Item::Data(batch.reads.len()));
@@ -551,7 +523,7 @@ mod tests {
             op.buf.fill(0xaa);
         }
         // Leave garbage where the padding goes, as a previous batch would.
-        batch.buf[5000..8192].fill(0xbb);
+        batch.memory(8192)[5000..8192].fill(0xbb);
         batch.plan_writes(&l);
         let ops = batch.write_ops(false);
         let WriteOp::Write { offset, data } = ops[0] else {

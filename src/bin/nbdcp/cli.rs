@@ -1,14 +1,20 @@
 //! The command line: nbdcopy's options, parsed into [`CopyOptions`].
+//!
+//! Arguments stay `OsString`s from `main` to the endpoint: a file name or a
+//! server command's word need not be UTF-8, and must reach the file system
+//! or the server byte for byte.
 
+use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use nbdcp::{
+    CancelToken, CopyOptions, EndpointSpec, Error, ErrorKind, OptionError, Progress, ProgressFn,
+};
 
-use crate::copy::progress::{FdProgress, ProgressBar, human_bytes};
-use crate::copy::{CancelToken, CopyOptions, Progress, ProgressFn};
-use crate::endpoint::EndpointSpec;
-use crate::error::{Error, ErrorKind};
+use crate::progress::{FdProgress, ProgressBar, human_bytes};
+use crate::signals;
 
 /// Exit status for a failed copy.
 pub const EXIT_FAILURE: i32 = 1;
@@ -35,7 +41,7 @@ struct Args {
     allocated: bool,
 
     /// Connections to each NBD endpoint (workers for other kinds).
-    #[arg(short = 'C', long, value_name = "N", default_value = "4", value_parser = parse_positive)]
+    #[arg(short = 'C', long, value_name = "N", default_value_t = nbdcp::DEFAULT_CONNECTIONS, value_parser = parse_positive)]
     connections: usize,
 
     /// The destination already reads as zeroes: skip zeroing it.
@@ -68,7 +74,7 @@ struct Args {
     request_size: Option<u64>,
 
     /// Requests in flight per connection.
-    #[arg(short = 'R', long, value_name = "N", default_value = "64", value_parser = parse_positive)]
+    #[arg(short = 'R', long, value_name = "N", default_value_t = nbdcp::DEFAULT_REQUESTS, value_parser = parse_positive)]
     requests: usize,
 
     /// Detect runs of zero bytes of this size in data (0 turns it off).
@@ -90,7 +96,7 @@ struct Args {
 
     /// Retry a segment this many times after a dropped or stalled NBD
     /// connection, reconnecting first (0: never).
-    #[arg(long, value_name = "N", default_value_t = crate::copy::DEFAULT_RETRIES)]
+    #[arg(long, value_name = "N", default_value_t = nbdcp::DEFAULT_RETRIES)]
     retries: u32,
 
     /// Say more (repeat for more detail).
@@ -98,8 +104,8 @@ struct Args {
     verbose: u8,
 
     /// SOURCE and DESTINATION.
-    #[arg(value_names = ["SOURCE", "DESTINATION"], num_args = 2, required = true)]
-    endpoints: Vec<String>,
+    #[arg(value_names = ["SOURCE", "DESTINATION"], num_args = 2, required = true, value_parser = clap::value_parser!(OsString))]
+    endpoints: Vec<OsString>,
 }
 
 /// Parse a size such as `4096`, `256K`, `2M`, `1G` or `1GiB`.
@@ -158,7 +164,7 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
 /// Take `[ CMD ARGS ... ]` groups out of the arguments, so that a server's
 /// own options (`-r`, `--shared=4`) are not read as nbdcp's. Each group is
 /// replaced by a marker that [`Invocation`] turns back into a command.
-fn extract_commands(args: Vec<String>) -> Result<(Vec<String>, Vec<Vec<String>>), Error> {
+fn extract_commands(args: Vec<OsString>) -> Result<(Vec<OsString>, Vec<Vec<OsString>>), Error> {
     let mut out = Vec::with_capacity(args.len());
     let mut commands = Vec::new();
     let mut iter = args.into_iter();
@@ -182,7 +188,7 @@ fn extract_commands(args: Vec<String>) -> Result<(Vec<String>, Vec<Vec<String>>)
         if argv.is_empty() {
             return Err(Error::usage("'[ ]' needs a command between the brackets"));
         }
-        out.push(format!("{COMMAND_MARK}{}", commands.len()));
+        out.push(format!("{COMMAND_MARK}{}", commands.len()).into());
         commands.push(argv);
     }
     Ok((out, commands))
@@ -205,7 +211,7 @@ pub struct Invocation {
 
 /// Parse the command line (including the program name). `Err` carries
 /// clap's own message and exit code for help, version and usage errors.
-pub fn parse(args: Vec<String>) -> Result<Invocation, (String, i32)> {
+pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
     let (args, commands) =
         extract_commands(args).map_err(|e| (format!("nbdcp: {e}\n"), EXIT_USAGE))?;
     let parsed = Args::try_parse_from(&args).map_err(|e| {
@@ -213,9 +219,10 @@ pub fn parse(args: Vec<String>) -> Result<Invocation, (String, i32)> {
         (e.render().to_string(), code)
     })?;
     let usage = |msg: String| (format!("nbdcp: {msg}\n"), EXIT_USAGE);
-    let spec = |s: &str| -> EndpointSpec {
+    let spec = |s: &OsStr| -> EndpointSpec {
         match s
-            .strip_prefix(COMMAND_MARK)
+            .to_str()
+            .and_then(|s| s.strip_prefix(COMMAND_MARK))
             .and_then(|n| n.parse::<usize>().ok())
         {
             Some(i) if i < commands.len() => EndpointSpec::Command(commands[i].clone()),
@@ -237,29 +244,29 @@ pub fn parse(args: Vec<String>) -> Result<Invocation, (String, i32)> {
     };
     let to_usize =
         |v: u64, what: &str| usize::try_from(v).map_err(|_| usage(format!("{what} is too large")));
-    let options = CopyOptions {
-        connections: parsed.connections,
-        threads: parsed.threads,
-        requests: parsed.requests,
-        request_size: parsed
-            .request_size
-            .map(|size| to_usize(size, "--request-size"))
-            .transpose()?,
-        queue_size: to_usize(parsed.queue_size, "--queue-size")?,
-        sparse_size: to_usize(parsed.sparse, "--sparse")?,
-        allocated: parsed.allocated,
-        destination_is_zero: parsed.destination_is_zero,
-        flush: !parsed.no_flush,
-        extents: !parsed.no_extents,
-        synchronous: parsed.synchronous,
-        timeout: parsed.timeout,
-        retries: parsed.retries,
-        ..CopyOptions::default()
-    };
-    options.validate().map_err(|e| usage(e.to_string()))?;
+    let mut options = CopyOptions::default();
+    options.connections = parsed.connections;
+    options.threads = parsed.threads;
+    options.requests = parsed.requests;
+    options.request_size = parsed
+        .request_size
+        .map(|size| to_usize(size, "--request-size"))
+        .transpose()?;
+    options.queue_size = to_usize(parsed.queue_size, "--queue-size")?;
+    options.sparse_size = to_usize(parsed.sparse, "--sparse")?;
+    options.allocated = parsed.allocated;
+    options.destination_is_zero = parsed.destination_is_zero;
+    options.flush = !parsed.no_flush;
+    options.extents = !parsed.no_extents;
+    options.synchronous = parsed.synchronous;
+    options.timeout = parsed.timeout;
+    options.retries = parsed.retries;
+    options
+        .validate()
+        .map_err(|e| usage(describe_option_error(&e)))?;
     let source = spec(&parsed.endpoints[0]);
     let destination = spec(&parsed.endpoints[1]);
-    crate::endpoint::check_distinct(&source, &destination).map_err(|e| usage(e.to_string()))?;
+    nbdcp::endpoint::check_distinct(&source, &destination).map_err(|e| usage(e.to_string()))?;
     Ok(Invocation {
         source,
         destination,
@@ -269,9 +276,29 @@ pub fn parse(args: Vec<String>) -> Result<Invocation, (String, i32)> {
     })
 }
 
+/// The command-line flag that sets a [`CopyOptions`] field.
+fn flag_of(field: &str) -> &str {
+    match field {
+        "connections" => "--connections",
+        "threads" => "--threads",
+        "requests" => "--requests",
+        "request_size" => "--request-size",
+        "queue_size" => "--queue-size",
+        "sparse_size" => "--sparse",
+        other => other,
+    }
+}
+
+/// An option error as the user typed the options: with flags, not the
+/// library's field names.
+fn describe_option_error(e: &OptionError) -> String {
+    let problem = e.problem.replace("request_size", "--request-size");
+    format!("{} {problem}", flag_of(e.field))
+}
+
 /// Run nbdcp with `args` (including the program name); returns the exit
 /// status.
-pub fn run(args: Vec<String>) -> i32 {
+pub fn run(args: Vec<OsString>) -> i32 {
     let mut inv = match parse(args) {
         Ok(inv) => inv,
         Err((text, code)) => {
@@ -297,7 +324,7 @@ pub fn run(args: Vec<String>) -> i32 {
         .init();
 
     let cancel = CancelToken::new();
-    if let Err(e) = crate::signals::install(cancel.flag()) {
+    if let Err(e) = signals::install(cancel.clone()) {
         eprintln!("nbdcp: {e}");
         return EXIT_FAILURE;
     }
@@ -325,8 +352,8 @@ pub fn run(args: Vec<String>) -> i32 {
         None => {}
     }
 
-    let result = crate::copy(&inv.source, &inv.destination, &inv.options);
-    if let Some(sig) = crate::signals::received() {
+    let result = nbdcp::copy(&inv.source, &inv.destination, &inv.options);
+    if let Some(sig) = signals::received() {
         if let Some(b) = &bar {
             b.finish(Progress {
                 done: 0,
@@ -377,10 +404,10 @@ pub fn run(args: Vec<String>) -> i32 {
 mod tests {
     use super::*;
 
-    fn args(s: &[&str]) -> Vec<String> {
+    fn args(s: &[&str]) -> Vec<OsString> {
         std::iter::once("nbdcp")
             .chain(s.iter().copied())
-            .map(String::from)
+            .map(OsString::from)
             .collect()
     }
 

@@ -13,89 +13,133 @@
 //! that restarts may lose writes it acknowledged but never flushed, and a
 //! flushed segment never needs redoing.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, bounded};
 
+use crate::cancel::CancelToken;
 use crate::endpoint::Endpoint;
 use crate::error::{Error, ErrorKind, Result};
 
-use super::CancelToken;
+use super::CopyStats;
 use super::batch::{Batch, Cursor, Limits};
 use super::extents;
+use super::plan::Plan;
 use super::progress::Tracker;
 use super::segments::Segment;
 
+/// The error that ended a copy: the first one recorded wins, so the
+/// failures a stop causes in other workers are not reported instead.
+type FirstError = Arc<Mutex<Option<Error>>>;
+
+fn first(slot: &Mutex<Option<Error>>) -> MutexGuard<'_, Option<Error>> {
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Stops a copy from outside it (the caller's cancel token).
+pub(crate) struct Stopper {
+    stop: CancelToken,
+    first_error: FirstError,
+}
+
+impl Stopper {
+    /// The caller cancelled: that is the copy's outcome, unless it had
+    /// already failed.
+    pub(crate) fn cancelled(&self) {
+        first(&self.first_error)
+            .get_or_insert_with(|| Error::new(ErrorKind::Cancelled, "copy cancelled"));
+        self.stop.cancel();
+    }
+}
+
 /// State shared by all workers of one copy.
-pub(crate) struct Shared<'a> {
+pub(crate) struct Shared {
     pub limits: Limits,
     pub use_extents: bool,
     pub zero_align: u64,
     pub overlap: bool,
-    pub cancel: &'a CancelToken,
+    /// Triggered when the copy must stop: cancelled, or a worker failed
+    /// for good. Breaks off every handle's blocked requests.
+    stop: CancelToken,
     pub tracker: Tracker,
     pub written: AtomicU64,
     pub zeroed: AtomicU64,
     /// Times a failed segment may be retried after reconnecting.
     pub retries: u32,
-    /// Flush the destination after each segment (retries are on and the
-    /// destination can reconnect).
+    /// Flush the destination after each segment (see [`Plan`]).
     pub flush_segments: bool,
-    first_error: Mutex<Option<Error>>,
+    first_error: FirstError,
     warned_extents: AtomicBool,
 }
 
-impl<'a> Shared<'a> {
-    pub(crate) fn new(
-        limits: Limits,
-        use_extents: bool,
-        zero_align: u64,
-        overlap: bool,
-        cancel: &'a CancelToken,
-        tracker: Tracker,
-    ) -> Shared<'a> {
+impl Shared {
+    pub(crate) fn new(plan: &Plan, tracker: Tracker) -> Shared {
         Shared {
-            limits,
-            use_extents,
-            zero_align,
-            overlap,
-            cancel,
+            limits: plan.limits,
+            use_extents: plan.use_extents,
+            zero_align: plan.align,
+            overlap: plan.overlap,
+            stop: CancelToken::new(),
             tracker,
             written: AtomicU64::new(0),
             zeroed: AtomicU64::new(0),
-            retries: 0,
-            flush_segments: false,
-            first_error: Mutex::new(None),
+            retries: plan.retries,
+            flush_segments: plan.flush_segments,
+            first_error: FirstError::default(),
             warned_extents: AtomicBool::new(false),
         }
     }
 
-    /// Record a failure and stop every other worker. The first real error
-    /// is kept: the "cancelled" errors it causes elsewhere are not news.
-    pub(crate) fn fail(&self, err: Error) {
-        if let Ok(mut slot) = self.first_error.lock() {
-            let replace = match slot.as_ref() {
-                None => true,
-                Some(old) => {
-                    old.kind() == ErrorKind::Cancelled && err.kind() != ErrorKind::Cancelled
-                }
-            };
-            if replace {
-                *slot = Some(err);
-            }
+    /// What stops this copy from outside.
+    pub(crate) fn stopper(&self) -> Stopper {
+        Stopper {
+            stop: self.stop.clone(),
+            first_error: Arc::clone(&self.first_error),
         }
-        self.cancel.cancel();
     }
 
-    /// The error that ended the copy, if any.
-    pub(crate) fn take_error(&self) -> Option<Error> {
-        self.first_error.lock().ok().and_then(|mut e| e.take())
+    /// The token triggered when the copy stops.
+    pub(crate) fn stop_token(&self) -> CancelToken {
+        self.stop.clone()
     }
 
-    fn check_cancelled(&self) -> Result<()> {
-        if self.cancel.is_cancelled() {
+    /// Whether the copy is stopping.
+    pub(crate) fn stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Record a failure and stop every other worker. The first error is
+    /// kept: the ones the stop causes elsewhere are not news.
+    pub(crate) fn fail(&self, err: Error) {
+        first(&self.first_error).get_or_insert(err);
+        self.stop.cancel();
+    }
+
+    /// The copy's result: the first recorded error if there is one (a
+    /// failure, or the cancellation that broke `result` off), else
+    /// `result`.
+    pub(crate) fn outcome<T>(&self, result: Result<T>) -> Result<T> {
+        match first(&self.first_error).take() {
+            Some(err) => Err(err),
+            None => result,
+        }
+    }
+
+    /// Statistics for a finished copy of `bytes` by `workers` workers.
+    pub(crate) fn stats(&self, bytes: u64, workers: usize, started: Instant) -> CopyStats {
+        CopyStats {
+            bytes,
+            written: self.written.load(Ordering::Relaxed),
+            zeroed: self.zeroed.load(Ordering::Relaxed),
+            workers,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    pub(crate) fn check_cancelled(&self) -> Result<()> {
+        if self.stopped() {
             Err(Error::new(ErrorKind::Cancelled, "copy cancelled"))
         } else {
             Ok(())
@@ -131,7 +175,7 @@ impl<'a> Shared<'a> {
         let delay = backoff_delay(attempt);
         let step = Duration::from_millis(20);
         let mut slept = Duration::ZERO;
-        while slept < delay && !self.cancel.is_cancelled() {
+        while slept < delay && !self.stopped() {
             std::thread::sleep(step);
             slept += step;
         }
@@ -172,7 +216,7 @@ fn is_transient(err: &Error) -> bool {
 /// Copy segments from `segments` until it is empty or the copy is cancelled.
 /// Errors are recorded in `shared`.
 pub(crate) fn run(
-    shared: &Shared<'_>,
+    shared: &Shared,
     source: &mut dyn Endpoint,
     destination: &mut dyn Endpoint,
     segments: &Receiver<Segment>,
@@ -193,7 +237,7 @@ pub(crate) fn run(
 /// Copy one segment, reconnecting and starting the segment again after a
 /// transient failure, up to `shared.retries` times.
 fn copy_with_retries(
-    shared: &Shared<'_>,
+    shared: &Shared,
     source: &mut dyn Endpoint,
     destination: &mut dyn Endpoint,
     segment: Segment,
@@ -215,20 +259,17 @@ fn copy_with_retries(
             Ok(()) => return Ok(()),
             Err(f) => f,
         };
-        // The segment will be counted again when it is redone.
+        // The segment will be counted again when it is redone. Batch
+        // memory a broken connection may still read was poisoned by its
+        // endpoint, and the batch replaces it rather than refill it.
         shared.tracker.sub(done.load(Ordering::Relaxed));
-        // A broken connection may still deliver payload it had queued,
-        // read from the batch memory when the server gets to it (NBD over
-        // Unix sockets lends pages rather than copying): never refill that
-        // memory with other data.
-        *ring = Default::default();
         let endpoint: &mut dyn Endpoint = match failure.side {
             Side::Source => source,
             Side::Destination => destination,
         };
-        if shared.cancel.is_cancelled()
+        if shared.stopped()
             || !is_transient(&failure.error)
-            || !endpoint.can_reconnect()
+            || !endpoint.capabilities().reconnect
             || attempt >= shared.retries
         {
             return Err(failure.error);
@@ -259,7 +300,7 @@ fn copy_with_retries(
 }
 
 /// Read a batch: its source reads, then plan its destination operations.
-fn read_batch(shared: &Shared<'_>, source: &mut dyn Endpoint, batch: &mut Batch) -> Result<()> {
+fn read_batch(shared: &Shared, source: &mut dyn Endpoint, batch: &mut Batch) -> Result<()> {
     let mut reads = batch.read_ops();
     if !reads.is_empty() {
         source.read_batch(&mut reads)?;
@@ -272,7 +313,7 @@ fn read_batch(shared: &Shared<'_>, source: &mut dyn Endpoint, batch: &mut Batch)
 /// Write a batch's planned operations to the destination and account for
 /// it; returns the source bytes it covered.
 pub(crate) fn write_batch(
-    shared: &Shared<'_>,
+    shared: &Shared,
     destination: &mut dyn Endpoint,
     batch: &Batch,
 ) -> Result<u64> {
@@ -297,7 +338,7 @@ pub(crate) fn write_batch(
 /// Copy one segment once. `done` counts the source bytes completed, so a
 /// failed attempt can be taken back out of the progress count.
 fn copy_segment(
-    shared: &Shared<'_>,
+    shared: &Shared,
     source: &mut dyn Endpoint,
     destination: &mut dyn Endpoint,
     segment: Segment,
@@ -378,8 +419,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::copy::{CopyOptions, copy_endpoints};
     use crate::endpoint::Capabilities;
+    use crate::engine::{CopyOptions, copy_endpoints};
 
     /// An in-memory disk whose handles can be told to fail their next
     /// reads or writes as a dropped connection would.
@@ -436,6 +477,7 @@ mod tests {
         fn capabilities(&self) -> Capabilities {
             Capabilities {
                 flush: true,
+                reconnect: self.reconnectable,
                 ..Capabilities::default()
             }
         }
@@ -462,9 +504,6 @@ mod tests {
         }
         fn connect_another(&self) -> Result<Option<Box<dyn Endpoint>>> {
             Ok(Some(Box::new(self.handle())))
-        }
-        fn can_reconnect(&self) -> bool {
-            self.reconnectable
         }
         fn reconnect(&mut self) -> Result<()> {
             self.reconnects.fetch_add(1, Ordering::SeqCst);

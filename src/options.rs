@@ -1,0 +1,258 @@
+//! How to copy: [`CopyOptions`], the one place where the defaults live.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::cancel::CancelToken;
+use crate::endpoint::OpenOptions;
+use crate::engine::progress::ProgressFn;
+use crate::error::Error;
+
+/// The largest request nbdcp ever sends, as NBD servers commonly allow.
+pub const MAX_REQUEST_SIZE: usize = 32 * 1024 * 1024;
+/// The smallest `--request-size`.
+pub const MIN_REQUEST_SIZE: usize = 4096;
+/// The request size for endpoints that state no preference (files, pipes,
+/// NBD over TCP), as nbdcopy's default.
+pub const DEFAULT_REQUEST_SIZE: usize = 256 * 1024;
+/// Default `--connections`, as nbdcopy's.
+pub const DEFAULT_CONNECTIONS: usize = 4;
+/// Default `--requests`: requests in flight per connection, as nbdcopy's.
+pub const DEFAULT_REQUESTS: usize = 64;
+/// Default `--queue-size`: bytes in flight per connection, as nbdcopy's.
+pub const DEFAULT_QUEUE_SIZE: usize = 16 * 1024 * 1024;
+/// Default `--sparse`: zero-detection block size, as nbdcopy's.
+pub const DEFAULT_SPARSE_SIZE: usize = 4096;
+/// Default `--retries`: with the back-off this gives a server about three
+/// seconds to come back.
+pub const DEFAULT_RETRIES: u32 = 5;
+/// The default segment size: large enough that per-segment costs (one
+/// block-status query, a queue hand-off) vanish, small enough that
+/// several workers share the work of a multi-gigabyte image evenly.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 128 * 1024 * 1024;
+
+/// How to copy. `Default` gives nbdcopy's defaults (flushing at the end,
+/// unlike nbdcopy, so that a reported success is on stable storage).
+///
+/// New options may be added in any release, so build it from the default
+/// and set what you need:
+///
+/// ```
+/// let mut options = nbdcp::CopyOptions::default();
+/// options.connections = 2;
+/// options.sparse_size = 0;
+/// assert!(options.validate().is_ok());
+/// ```
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct CopyOptions {
+    /// Connections to open to each NBD endpoint (`-C`); also the most
+    /// workers for other kinds.
+    pub connections: usize,
+    /// Most workers (`-T`); 0 means the number of cores, plus one when the
+    /// source is a server that is waited on.
+    pub threads: usize,
+    /// Most requests in flight per connection (`-R`).
+    pub requests: usize,
+    /// Largest single read (`--request-size`), a power of two; `None`
+    /// lets each copy choose from its endpoints (see [`DEFAULT_REQUEST_SIZE`]).
+    pub request_size: Option<usize>,
+    /// Bytes of data in flight per worker (`--queue-size`).
+    pub queue_size: usize,
+    /// Zero-detection block size in data (`-S`), 0 for none.
+    pub sparse_size: usize,
+    /// Leave the destination fully allocated (`--allocated`).
+    pub allocated: bool,
+    /// The destination already reads as zeroes (`--destination-is-zero`).
+    pub destination_is_zero: bool,
+    /// Flush the destination at the end (default; `--no-flush` clears it).
+    pub flush: bool,
+    /// Ask the source which parts hold data (`--no-extents` clears it).
+    pub extents: bool,
+    /// One worker, one request at a time (`--synchronous`).
+    pub synchronous: bool,
+    /// Fail a request to an NBD server that takes longer than this.
+    pub timeout: Option<Duration>,
+    /// Times a segment is retried after a dropped or stalled connection,
+    /// reconnecting first (`--retries`); 0 turns retrying off.
+    pub retries: u32,
+    /// Size of the pieces the source is cut into for the workers.
+    pub segment_size: u64,
+    /// Told about progress from worker threads.
+    pub progress: Option<ProgressFn>,
+    /// Lets another thread stop the copy.
+    pub cancel: CancelToken,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            connections: DEFAULT_CONNECTIONS,
+            threads: 0,
+            requests: DEFAULT_REQUESTS,
+            request_size: None,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            sparse_size: DEFAULT_SPARSE_SIZE,
+            allocated: false,
+            destination_is_zero: false,
+            flush: true,
+            extents: true,
+            synchronous: false,
+            timeout: None,
+            retries: DEFAULT_RETRIES,
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            progress: None,
+            cancel: CancelToken::new(),
+        }
+    }
+}
+
+impl fmt::Debug for CopyOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CopyOptions")
+            .field("connections", &self.connections)
+            .field("threads", &self.threads)
+            .field("requests", &self.requests)
+            .field("request_size", &self.request_size)
+            .field("queue_size", &self.queue_size)
+            .field("sparse_size", &self.sparse_size)
+            .field("allocated", &self.allocated)
+            .field("destination_is_zero", &self.destination_is_zero)
+            .field("flush", &self.flush)
+            .field("extents", &self.extents)
+            .field("synchronous", &self.synchronous)
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("segment_size", &self.segment_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`CopyOptions`] field with a value that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OptionError {
+    /// The field's name, as in [`CopyOptions`] (`"request_size"`).
+    pub field: &'static str,
+    /// What is wrong with it, to follow the field's name.
+    pub problem: String,
+}
+
+impl fmt::Display for OptionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for OptionError {}
+
+impl From<OptionError> for Error {
+    fn from(e: OptionError) -> Error {
+        Error::usage(e.to_string()).with_source(e)
+    }
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> Result<(), OptionError> {
+    Err(OptionError {
+        field,
+        problem: problem.into(),
+    })
+}
+
+impl CopyOptions {
+    /// Check the values make sense together; the error names the field.
+    pub fn validate(&self) -> Result<(), OptionError> {
+        if self.connections == 0 {
+            return invalid("connections", "must be at least 1");
+        }
+        if self.requests == 0 {
+            return invalid("requests", "must be at least 1");
+        }
+        if let Some(size) = self.request_size {
+            if !size.is_power_of_two() || !(MIN_REQUEST_SIZE..=MAX_REQUEST_SIZE).contains(&size) {
+                return invalid(
+                    "request_size",
+                    format!(
+                        "must be a power of two from {MIN_REQUEST_SIZE} to {MAX_REQUEST_SIZE}, not {size}"
+                    ),
+                );
+            }
+        }
+        let smallest_request = self.request_size.unwrap_or(MIN_REQUEST_SIZE);
+        if self.queue_size < smallest_request {
+            return invalid(
+                "queue_size",
+                format!(
+                    "({}) must be at least request_size ({smallest_request})",
+                    self.queue_size
+                ),
+            );
+        }
+        if self.sparse_size != 0
+            && (!self.sparse_size.is_power_of_two()
+                || self.sparse_size < 512
+                || self.sparse_size > self.request_size.unwrap_or(MAX_REQUEST_SIZE))
+        {
+            return invalid(
+                "sparse_size",
+                format!(
+                    "must be 0 or a power of two from 512 to request_size, not {}",
+                    self.sparse_size
+                ),
+            );
+        }
+        // A power of two at least the request size is a multiple of it.
+        if !self.segment_size.is_power_of_two() || self.segment_size < smallest_request as u64 {
+            return invalid(
+                "segment_size",
+                "must be a power of two, at least the request size",
+            );
+        }
+        Ok(())
+    }
+
+    /// Options for opening endpoints for this copy.
+    pub fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            requests: if self.synchronous { 1 } else { self.requests },
+            queue_size: self.queue_size,
+            timeout: self.timeout,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_with_and_without_a_request_size() {
+        assert!(CopyOptions::default().validate().is_ok());
+        let explicit = |request_size, queue_size, sparse_size| CopyOptions {
+            request_size: Some(request_size),
+            queue_size,
+            sparse_size,
+            ..CopyOptions::default()
+        };
+        assert!(explicit(64 << 10, 16 << 20, 4096).validate().is_ok());
+        let field = |o: CopyOptions| o.validate().unwrap_err().field;
+        assert_eq!(field(explicit(3000, 16 << 20, 4096)), "request_size");
+        assert_eq!(field(explicit(1 << 20, 512 << 10, 4096)), "queue_size");
+        assert_eq!(
+            field(explicit(64 << 10, 16 << 20, 128 << 10)),
+            "sparse_size"
+        );
+        let auto_big_sparse = CopyOptions {
+            sparse_size: 1 << 20,
+            ..CopyOptions::default()
+        };
+        assert!(auto_big_sparse.validate().is_ok());
+        let none = CopyOptions {
+            connections: 0,
+            ..CopyOptions::default()
+        };
+        assert_eq!(
+            none.validate().unwrap_err().to_string(),
+            "connections must be at least 1"
+        );
+    }
+}
