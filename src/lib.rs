@@ -24,6 +24,96 @@
 //! assert_eq!(std::fs::read(&src)?, std::fs::read(&dst)?);
 //! # Ok(()) }
 //! ```
+//!
+//! # Progress
+//!
+//! The callback is called from worker threads with the bytes done so far.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::{Arc, atomic::{AtomicU64, Ordering}};
+//! # let dir = tempfile::tempdir()?;
+//! # let (src, dst) = (dir.path().join("a"), dir.path().join("b"));
+//! # std::fs::write(&src, vec![1u8; 3 << 20])?;
+//! let seen = Arc::new(AtomicU64::new(0));
+//! let mut options = nbdcp::CopyOptions::default();
+//! let s = seen.clone();
+//! options.progress = Some(Arc::new(move |p: nbdcp::Progress| {
+//!     s.fetch_max(p.done, Ordering::Relaxed);
+//! }));
+//! let spec = nbdcp::EndpointSpec::parse;
+//! nbdcp::copy(&spec(&src), &spec(&dst), &options)?;
+//! assert_eq!(seen.load(Ordering::Relaxed), 3 << 20);
+//! # Ok(()) }
+//! ```
+//!
+//! # Cancelling from another thread
+//!
+//! [`CancelToken::cancel`] breaks off requests blocked on a server, so the
+//! copy returns promptly even if the server stopped answering.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let (src, dst) = (dir.path().join("a"), dir.path().join("b"));
+//! # std::fs::write(&src, vec![1u8; 1 << 20])?;
+//! let mut options = nbdcp::CopyOptions::default();
+//! let cancel = options.cancel.clone();
+//! std::thread::spawn(move || cancel.cancel()).join().unwrap();
+//! let spec = nbdcp::EndpointSpec::parse;
+//! let err = nbdcp::copy(&spec(&src), &spec(&dst), &options).unwrap_err();
+//! assert_eq!(err.kind(), nbdcp::ErrorKind::Cancelled);
+//! # Ok(()) }
+//! ```
+//!
+//! # An endpoint of your own
+//!
+//! Implement [`Endpoint`] and hand it to [`copy_endpoints`]; the engine
+//! asks it for its size, capabilities and data, and for further handles
+//! for further workers.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use nbdcp::{Capabilities, Endpoint, Result};
+//!
+//! /// A read-only disk in memory, shared by all its handles.
+//! struct Memory(Arc<Vec<u8>>);
+//!
+//! impl Endpoint for Memory {
+//!     fn name(&self) -> &str { "memory" }
+//!     fn size(&self) -> Option<u64> { Some(self.0.len() as u64) }
+//!     fn capabilities(&self) -> Capabilities {
+//!         let mut c = Capabilities::default();
+//!         c.read_only = true;
+//!         c
+//!     }
+//!     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+//!         let start = offset as usize;
+//!         buf.copy_from_slice(&self.0[start..start + buf.len()]);
+//!         Ok(())
+//!     }
+//!     fn write_at(&mut self, _: &[u8], _: u64) -> Result<()> { unreachable!("read-only") }
+//!     fn zero(&mut self, _: u64, _: u64, _: bool) -> Result<()> { unreachable!("read-only") }
+//!     fn flush(&mut self) -> Result<()> { Ok(()) }
+//!     fn connect_another(&self) -> Result<Option<Box<dyn Endpoint>>> {
+//!         Ok(Some(Box::new(Memory(self.0.clone()))))
+//!     }
+//! }
+//!
+//! # let dir = tempfile::tempdir()?;
+//! let disk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+//! let out = dir.path().join("copy.img");
+//! let source = Box::new(Memory(Arc::new(disk.clone())));
+//! let destination = nbdcp::open_destination(
+//!     &nbdcp::EndpointSpec::parse(&out),
+//!     source.size(),
+//!     &nbdcp::OpenOptions::default(),
+//! )?;
+//! nbdcp::copy_endpoints(source, destination, &nbdcp::CopyOptions::default())?;
+//! assert_eq!(std::fs::read(&out)?, disk);
+//! # Ok(()) }
+//! ```
 #![deny(missing_docs)]
 
 mod cancel;

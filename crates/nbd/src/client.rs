@@ -887,40 +887,46 @@ impl Client {
                 }
                 self.block_status_chunk(si, c.length)?;
             }
-            t if t & NBD_REPLY_TYPE_ERROR_BIT != 0 => {
-                // Bounded to MAX_ERROR_PAYLOAD by the header decoder.
-                let mut payload = std::mem::take(&mut self.scratch);
-                payload.resize(c.length as usize, 0);
-                let r = self.read_exact(op, &mut payload);
-                let decoded = r.map(|()| ErrorChunk::decode(t, &payload));
-                self.scratch = payload;
-                let ec = match decoded? {
-                    Ok(ec) => ec,
-                    Err(e) => return Err(self.protocol(op, e.to_string())),
-                };
-                if let Some(at) = ec.offset {
-                    let s = &self.slots[si];
-                    if at < s.offset || at - s.offset >= u64::from(s.length) {
-                        let msg = format!(
-                            "server reported an error at offset {at}, outside the request (offset {} length {})",
-                            s.offset, s.length
-                        );
-                        return Err(self.protocol(op, msg));
-                    }
-                }
-                let mut msg = ec.message;
-                if t != NBD_REPLY_TYPE_ERROR && t != NBD_REPLY_TYPE_ERROR_OFFSET {
-                    msg = format!("unknown error chunk type {t:#x}; {msg}");
-                }
-                let e = self.server_error(si, ec.error, &msg, ec.offset);
-                self.set_error(si, ec.error, e);
-            }
+            t if t & NBD_REPLY_TYPE_ERROR_BIT != 0 => self.error_chunk(si, t, c.length)?,
             t => {
                 // The header decoder refuses unknown non-error types, but
                 // be safe should that change.
                 return Err(self.protocol(op, format!("server sent unknown chunk type {t}")));
             }
         }
+        Ok(())
+    }
+
+    /// An error chunk for the request in slot `si`: remembered as the
+    /// request's outcome, the connection staying usable.
+    fn error_chunk(&mut self, si: usize, t: u16, length: u32) -> Result<()> {
+        let op = self.slots[si].op;
+        // Bounded to MAX_ERROR_PAYLOAD by the header decoder.
+        let mut payload = std::mem::take(&mut self.scratch);
+        payload.resize(length as usize, 0);
+        let r = self.read_exact(op, &mut payload);
+        let decoded = r.map(|()| ErrorChunk::decode(t, &payload));
+        self.scratch = payload;
+        let ec = match decoded? {
+            Ok(ec) => ec,
+            Err(e) => return Err(self.protocol(op, e.to_string())),
+        };
+        if let Some(at) = ec.offset {
+            let s = &self.slots[si];
+            if at < s.offset || at - s.offset >= u64::from(s.length) {
+                let msg = format!(
+                    "server reported an error at offset {at}, outside the request (offset {} length {})",
+                    s.offset, s.length
+                );
+                return Err(self.protocol(op, msg));
+            }
+        }
+        let mut msg = ec.message;
+        if t != NBD_REPLY_TYPE_ERROR && t != NBD_REPLY_TYPE_ERROR_OFFSET {
+            msg = format!("unknown error chunk type {t:#x}; {msg}");
+        }
+        let e = self.server_error(si, ec.error, &msg, ec.offset);
+        self.set_error(si, ec.error, e);
         Ok(())
     }
 
