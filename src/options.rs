@@ -133,13 +133,37 @@ impl fmt::Debug for CopyOptions {
 pub struct OptionError {
     /// The field's name, as in [`CopyOptions`] (`"request_size"`).
     pub field: &'static str,
-    /// What is wrong with it, to follow the field's name.
-    pub problem: String,
+    /// What is wrong with it, to follow the field's name; it may name
+    /// other fields.
+    problem: Vec<Word>,
+}
+
+/// A piece of an [`OptionError`]'s problem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Word {
+    Text(String),
+    Field(&'static str),
+}
+
+impl OptionError {
+    /// The message with every field named by `name`: a command line says
+    /// `--request-size` where the library says `request_size`.
+    pub fn describe(&self, name: impl Fn(&'static str) -> String) -> String {
+        let mut out = name(self.field);
+        out.push(' ');
+        for word in &self.problem {
+            match word {
+                Word::Text(t) => out.push_str(t),
+                Word::Field(f) => out.push_str(&name(f)),
+            }
+        }
+        out
+    }
 }
 
 impl fmt::Display for OptionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.field, self.problem)
+        f.write_str(&self.describe(str::to_string))
     }
 }
 
@@ -152,10 +176,11 @@ impl From<OptionError> for Error {
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> Result<(), OptionError> {
-    Err(OptionError {
-        field,
-        problem: problem.into(),
-    })
+    invalid_words(field, vec![Word::Text(problem.into())])
+}
+
+fn invalid_words(field: &'static str, problem: Vec<Word>) -> Result<(), OptionError> {
+    Err(OptionError { field, problem })
 }
 
 impl CopyOptions {
@@ -179,12 +204,13 @@ impl CopyOptions {
         }
         let smallest_request = self.request_size.unwrap_or(MIN_REQUEST_SIZE);
         if self.queue_size < smallest_request {
-            return invalid(
+            return invalid_words(
                 "queue_size",
-                format!(
-                    "({}) must be at least request_size ({smallest_request})",
-                    self.queue_size
-                ),
+                vec![
+                    Word::Text(format!("({}) must be at least ", self.queue_size)),
+                    Word::Field("request_size"),
+                    Word::Text(format!(" ({smallest_request})")),
+                ],
             );
         }
         if self.sparse_size != 0
@@ -192,12 +218,13 @@ impl CopyOptions {
                 || self.sparse_size < 512
                 || self.sparse_size > self.request_size.unwrap_or(MAX_REQUEST_SIZE))
         {
-            return invalid(
+            return invalid_words(
                 "sparse_size",
-                format!(
-                    "must be 0 or a power of two from 512 to request_size, not {}",
-                    self.sparse_size
-                ),
+                vec![
+                    Word::Text("must be 0 or a power of two from 512 to ".into()),
+                    Word::Field("request_size"),
+                    Word::Text(format!(", not {}", self.sparse_size)),
+                ],
             );
         }
         // A power of two at least the request size is a multiple of it.
@@ -253,6 +280,16 @@ mod tests {
         assert_eq!(
             none.validate().unwrap_err().to_string(),
             "connections must be at least 1"
+        );
+        let e = explicit(1 << 20, 512 << 10, 4096).validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "queue_size (524288) must be at least request_size (1048576)"
+        );
+        let flags = e.describe(|f| format!("--{}", f.replace('_', "-")));
+        assert_eq!(
+            flags,
+            "--queue-size (524288) must be at least --request-size (1048576)"
         );
     }
 }

@@ -277,7 +277,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
 }
 
 /// The command-line flag that sets a [`CopyOptions`] field.
-fn flag_of(field: &str) -> &str {
+fn flag_of(field: &'static str) -> String {
     match field {
         "connections" => "--connections",
         "threads" => "--threads",
@@ -285,15 +285,16 @@ fn flag_of(field: &str) -> &str {
         "request_size" => "--request-size",
         "queue_size" => "--queue-size",
         "sparse_size" => "--sparse",
+        // Not settable from the command line (the segment size).
         other => other,
     }
+    .to_string()
 }
 
 /// An option error as the user typed the options: with flags, not the
 /// library's field names.
 fn describe_option_error(e: &OptionError) -> String {
-    let problem = e.problem.replace("request_size", "--request-size");
-    format!("{} {problem}", flag_of(e.field))
+    e.describe(flag_of)
 }
 
 /// Run nbdcp with `args` (including the program name); returns the exit
