@@ -786,6 +786,36 @@ mod tests {
         ep.close().unwrap();
     }
 
+    /// A payload lent to a connection that dies may still be read by the
+    /// server later: its buffer is poisoned and refuses to be refilled. A
+    /// copied payload's memory is the caller's again at once.
+    #[test]
+    fn a_connection_that_dies_poisons_the_buffers_it_may_have_lent() {
+        use crate::endpoint::WriteBuffer;
+        let dir = tempfile::tempdir().unwrap();
+        let (uri, t) = vanishing_server(dir.path(), 0);
+        let mut ep = NbdEndpoint::connect("gone", &uri, &OpenOptions::default(), true).unwrap();
+        t.join().unwrap();
+        let mut lent = WriteBuffer::new(1 << 20);
+        lent.as_mut_slice().unwrap().fill(7);
+        let copied = vec![8u8; 1 << 20];
+        let e = ep
+            .write_batch(&[
+                WriteOp::Write {
+                    offset: 0,
+                    data: Payload::copied(&copied),
+                },
+                WriteOp::Write {
+                    offset: 1 << 20,
+                    data: Payload::lendable(&lent, 0..1 << 20),
+                },
+            ])
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        assert!(lent.is_poisoned());
+        assert!(lent.as_mut_slice().is_none());
+    }
+
     #[test]
     fn a_dirty_connection_whose_server_went_away_fails_to_flush() {
         let dir = tempfile::tempdir().unwrap();

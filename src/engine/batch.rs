@@ -535,6 +535,33 @@ mod tests {
     }
 
     #[test]
+    fn a_poisoned_buffer_is_replaced_not_refilled() {
+        let l = limits();
+        let mut cursor = Cursor::new(vec![ext(0, 40000, false)]);
+        let mut batch = Batch::default();
+        cursor.fill(&mut batch, &l);
+        for op in batch.read_ops() {
+            op.buf.fill(0xaa);
+        }
+        batch.plan_writes(&l);
+        let first = batch.bytes().as_ptr();
+        // An endpoint whose connection died with the pages lent.
+        for op in batch.write_ops(false) {
+            if let WriteOp::Write { data, .. } = op {
+                data.lendable_from().unwrap().poison();
+            }
+        }
+        cursor.fill(&mut batch, &l);
+        assert_ne!(
+            batch.bytes().as_ptr(),
+            first,
+            "a poisoned buffer was reused"
+        );
+        let reads = batch.read_ops();
+        assert!(!reads.is_empty());
+    }
+
+    #[test]
     fn reads_are_chunk_aligned() {
         let l = limits();
         let mut cursor = Cursor::new(vec![ext(1000, 20000, false)]);
