@@ -128,6 +128,7 @@ pub use endpoint::{
     Payload, ReadOp, Tuning, WriteBuffer, WriteOp, open_destination, open_source,
 };
 pub use engine::progress::{Progress, ProgressFn};
+pub use engine::report::{Report, ReportFn, SideReport};
 pub use engine::{CopyStats, copy, copy_endpoints};
 pub use error::{Error, ErrorKind, Operation, Result};
 pub use options::{

@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::cancel::CancelToken;
 use crate::endpoint::OpenOptions;
 use crate::engine::progress::ProgressFn;
+use crate::engine::report::ReportFn;
 use crate::error::Error;
 
 /// The largest request nbdcp ever sends, as NBD servers commonly allow.
@@ -57,7 +58,8 @@ pub struct CopyOptions {
     /// Largest single read (`--request-size`), a power of two; `None`
     /// lets each copy choose from its endpoints (see [`DEFAULT_REQUEST_SIZE`]).
     pub request_size: Option<usize>,
-    /// Bytes of data in flight per worker (`--queue-size`).
+    /// Bytes of data in flight per worker (`--queue-size`); raised to the
+    /// request size if smaller.
     pub queue_size: usize,
     /// Zero-detection block size in data (`-S`), 0 for none.
     pub sparse_size: usize,
@@ -80,6 +82,9 @@ pub struct CopyOptions {
     pub segment_size: u64,
     /// Told about progress from worker threads.
     pub progress: Option<ProgressFn>,
+    /// Told once what the copy is about to do (`-v`), when the endpoints
+    /// are open and before data moves.
+    pub report: Option<ReportFn>,
     /// Lets another thread stop the copy.
     pub cancel: CancelToken,
 }
@@ -102,6 +107,7 @@ impl Default for CopyOptions {
             retries: DEFAULT_RETRIES,
             segment_size: DEFAULT_SEGMENT_SIZE,
             progress: None,
+            report: None,
             cancel: CancelToken::new(),
         }
     }
@@ -202,17 +208,9 @@ impl CopyOptions {
                 );
             }
         }
+        // A queue smaller than a request is raised to it when the copy is
+        // planned, as nbdcopy does, rather than refused.
         let smallest_request = self.request_size.unwrap_or(MIN_REQUEST_SIZE);
-        if self.queue_size < smallest_request {
-            return invalid_words(
-                "queue_size",
-                vec![
-                    Word::Text(format!("({}) must be at least ", self.queue_size)),
-                    Word::Field("request_size"),
-                    Word::Text(format!(" ({smallest_request})")),
-                ],
-            );
-        }
         if self.sparse_size != 0
             && (!self.sparse_size.is_power_of_two()
                 || self.sparse_size < 512
@@ -241,7 +239,7 @@ impl CopyOptions {
     pub fn open_options(&self) -> OpenOptions {
         OpenOptions {
             requests: if self.synchronous { 1 } else { self.requests },
-            queue_size: self.queue_size,
+            queue_size: self.queue_size.max(self.request_size.unwrap_or(0)),
             timeout: self.timeout,
         }
     }
@@ -263,7 +261,7 @@ mod tests {
         assert!(explicit(64 << 10, 16 << 20, 4096).validate().is_ok());
         let field = |o: CopyOptions| o.validate().unwrap_err().field;
         assert_eq!(field(explicit(3000, 16 << 20, 4096)), "request_size");
-        assert_eq!(field(explicit(1 << 20, 512 << 10, 4096)), "queue_size");
+        assert!(explicit(1 << 20, 4096, 4096).validate().is_ok());
         assert_eq!(
             field(explicit(64 << 10, 16 << 20, 128 << 10)),
             "sparse_size"
@@ -281,15 +279,17 @@ mod tests {
             none.validate().unwrap_err().to_string(),
             "connections must be at least 1"
         );
-        let e = explicit(1 << 20, 512 << 10, 4096).validate().unwrap_err();
+        let e = explicit(64 << 10, 16 << 20, 128 << 10)
+            .validate()
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "queue_size (524288) must be at least request_size (1048576)"
+            "sparse_size must be 0 or a power of two from 512 to request_size, not 131072"
         );
         let flags = e.describe(|f| format!("--{}", f.replace('_', "-")));
         assert_eq!(
             flags,
-            "--queue-size (524288) must be at least --request-size (1048576)"
+            "--sparse-size must be 0 or a power of two from 512 to --request-size, not 131072"
         );
     }
 }

@@ -278,6 +278,13 @@ impl Endpoint for FileEndpoint {
         &self.name
     }
 
+    fn kind(&self) -> &'static str {
+        match self.kind {
+            Kind::Regular => "file",
+            _ => "block device",
+        }
+    }
+
     fn size(&self) -> Option<u64> {
         if self.growable { None } else { Some(self.size) }
     }
@@ -290,6 +297,7 @@ impl Endpoint for FileEndpoint {
             extents: self.kind == Kind::Regular,
             reconnect: false,
             starts_zeroed: self.fresh,
+            multi_conn: false,
         }
     }
 

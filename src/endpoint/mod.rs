@@ -79,6 +79,10 @@ pub struct Capabilities {
     /// The endpoint reads back as all zeroes before the copy writes anything
     /// (a freshly created or truncated file, `null:`).
     pub starts_zeroed: bool,
+    /// An NBD server advertised that several connections see one
+    /// another's writes. nbdcp does not need it (workers write disjoint
+    /// segments); it is reported (`-v`).
+    pub multi_conn: bool,
 }
 
 /// How an endpoint is best driven: hints that change speed, never the
@@ -177,6 +181,13 @@ pub struct ReadOp<'a> {
 pub trait Endpoint: Send {
     /// The name the user gave (path, URI, `-`, `null:`), for messages.
     fn name(&self) -> &str;
+
+    /// What kind of endpoint this is, for messages: `"file"`, `"block
+    /// device"`, `"pipe"`, `"null"`, `"nbd"`; `"custom"` unless an
+    /// implementation says.
+    fn kind(&self) -> &'static str {
+        "custom"
+    }
 
     /// Size in bytes, or `None` where it is unknown (stdin) or unbounded
     /// (`null:`, stdout).

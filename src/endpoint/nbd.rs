@@ -212,6 +212,25 @@ impl NbdEndpoint {
         note_death(&self.target, e)
     }
 
+    /// Whether `e` is a server refusing a zero request longer than its
+    /// maximum payload size: the specification lets it answer `EINVAL`
+    /// or `EOVERFLOW`, and the connection stays usable.
+    fn refused_long_zeroes(&self, e: &nbd::Error, ops: &[WriteOp<'_>]) -> bool {
+        let refused = matches!(
+            e.server_errno().map(nbd::ServerErrno::to_errno),
+            Some(libc::EINVAL | libc::EOVERFLOW)
+        );
+        let limit = u64::from(self.client.max_payload());
+        let long_zero = ops
+            .iter()
+            .any(|op| matches!(op, WriteOp::Zero { length, .. } if *length > limit));
+        refused
+            && long_zero
+            && e.operation() == Some(nbd::Operation::Zero)
+            && self.client.max_request_without_payload() > self.client.max_payload()
+            && !self.client.is_dead()
+    }
+
     fn limits(&self) -> (usize, usize) {
         (self.target.opts.requests, self.target.opts.queue_size)
     }
@@ -267,6 +286,10 @@ impl Endpoint for NbdEndpoint {
         &self.target.name
     }
 
+    fn kind(&self) -> &'static str {
+        "nbd"
+    }
+
     fn size(&self) -> Option<u64> {
         Some(self.client.size())
     }
@@ -281,6 +304,7 @@ impl Endpoint for NbdEndpoint {
             // likely died: reconnecting would only wait out the back-off.
             reconnect: self.target.server.is_none(),
             starts_zeroed: false,
+            multi_conn: self.client.multi_conn(),
         }
     }
 
@@ -347,9 +371,21 @@ impl Endpoint for NbdEndpoint {
     fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
         self.dirty = true;
         let (r, q) = self.limits();
-        let result = self
-            .client
-            .send_writes(ops.iter().map(Self::write_cmd), r, q);
+        let send = |client: &mut Client| client.send_writes(ops.iter().map(Self::write_cmd), r, q);
+        let mut result = send(&mut self.client);
+        if let Err(e) = &result {
+            if self.refused_long_zeroes(e, ops) {
+                // Writes and zeroes are idempotent: the batch is sent again
+                // with zero requests no longer than payloads.
+                log::debug!(
+                    "{}: {e}; sending zero requests of at most {} bytes",
+                    self.target.name,
+                    self.client.max_payload()
+                );
+                self.client.limit_requests_without_payload();
+                result = send(&mut self.client);
+            }
+        }
         if result.is_err() && self.client.is_dead() {
             // Lent pages may still be read off the dead socket: make sure
             // the memory is never refilled (see `WriteBuffer`).

@@ -12,6 +12,10 @@ impl Endpoint for NullEndpoint {
         "null:"
     }
 
+    fn kind(&self) -> &'static str {
+        "null"
+    }
+
     fn size(&self) -> Option<u64> {
         None
     }

@@ -149,6 +149,10 @@ impl Endpoint for StreamEndpoint {
         &self.name
     }
 
+    fn kind(&self) -> &'static str {
+        "pipe"
+    }
+
     fn size(&self) -> Option<u64> {
         None
     }

@@ -18,6 +18,7 @@ pub mod batch;
 pub mod extents;
 pub mod plan;
 pub mod progress;
+pub mod report;
 pub mod segments;
 mod stream;
 mod worker;
@@ -107,6 +108,7 @@ pub fn copy_endpoints(
         let shared = worker::Shared::new(&plan, tracker);
         let _linked = link_cancel(options, &shared);
         let _interrupts = interrupt_on_stop(&shared, [&*source, &*destination]);
+        tell(options, &plan, &*source, &*destination, 1);
         let result = stream::copy(&shared, source.as_mut(), destination.as_mut());
         let bytes = shared.outcome(result)?;
         let mut handles = [(source, destination)];
@@ -115,6 +117,13 @@ pub fn copy_endpoints(
     };
 
     let mut handles = open_workers(source, destination, workers)?;
+    tell(
+        options,
+        &plan,
+        &*handles[0].0,
+        &*handles[0].1,
+        handles.len(),
+    );
     let tracker = Tracker::new(Some(size), options.progress.clone());
     let shared = worker::Shared::new(&plan, tracker);
     let _linked = link_cancel(options, &shared);
@@ -132,6 +141,25 @@ pub fn copy_endpoints(
     }
     finish(&plan, &shared, &mut handles)?;
     Ok(shared.stats(size, handles.len(), started))
+}
+
+/// Tell the caller's report function what the copy is about to do.
+fn tell(
+    options: &CopyOptions,
+    plan: &Plan,
+    source: &dyn Endpoint,
+    destination: &dyn Endpoint,
+    workers: usize,
+) {
+    if let Some(report) = &options.report {
+        report(&report::Report::new(
+            plan,
+            options,
+            source,
+            destination,
+            workers,
+        ));
+    }
 }
 
 /// One worker's source and destination handles.

@@ -143,11 +143,13 @@ fn batch_bytes(source: &Side, destination: &Side, options: &CopyOptions, chunk: 
     if !pipelined {
         return chunk;
     }
+    // A queue smaller than one request is raised to it, as nbdcopy does.
+    let queue = options.queue_size.max(chunk);
     // With a reader and a writer half, two batches are in flight at once.
     let in_flight = if options.synchronous {
-        options.queue_size
+        queue
     } else {
-        options.queue_size / 2
+        queue / 2
     };
     let target = in_flight.min(BATCH_TARGET);
     let hinted = smallest_hint(source.tuning.batch_size, destination.tuning.batch_size);
@@ -195,7 +197,15 @@ impl Plan {
             skip_zeroes: (destination.capabilities.starts_zeroed || options.destination_is_zero)
                 && !options.allocated,
             allocate: options.allocated,
-            merge_writes: chunk.clamp(MIN_MERGED_WRITE, MAX_REQUEST_SIZE),
+            // --request-size is a ceiling a user sets because a server or
+            // a network path cannot take more: writes are merged up to it,
+            // never past it. Left to choose, larger merged writes cost the
+            // servers less.
+            merge_writes: if options.request_size.is_some() {
+                chunk
+            } else {
+                chunk.clamp(MIN_MERGED_WRITE, MAX_REQUEST_SIZE)
+            },
             tail_end: source.size.unwrap_or(u64::MAX),
             tail_align: dmin,
         };
@@ -369,6 +379,43 @@ mod tests {
         for (i, (s, d, o, want)) in cases.iter().enumerate() {
             assert_eq!(plan(s, d, o).limits.chunk, *want, "case {i}");
         }
+    }
+
+    #[test]
+    fn request_size_is_a_ceiling_on_merged_writes() {
+        // Left to choose, neighbouring writes merge to 4 MiB...
+        let auto = plan(
+            &nbd(Some(G), false),
+            &nbd(Some(G), false),
+            &CopyOptions::default(),
+        );
+        assert_eq!(auto.limits.merge_writes, 4 << 20);
+        // ...but never past the size the user asked for.
+        for size in [64 << 10, 1 << 20, 32 << 20] {
+            let p = plan(
+                &nbd(Some(G), false),
+                &nbd(Some(G), false),
+                &with(|o| o.request_size = Some(size)),
+            );
+            assert_eq!((p.limits.chunk, p.limits.merge_writes), (size, size));
+        }
+    }
+
+    #[test]
+    fn a_queue_smaller_than_a_request_is_raised_to_it() {
+        let o = with(|o| {
+            o.queue_size = 4096;
+            o.request_size = Some(1 << 20);
+        });
+        assert!(o.validate().is_ok());
+        let p = plan(&nbd(Some(G), false), &null(), &o);
+        assert_eq!(p.limits.batch_bytes, 1 << 20);
+        let big = with(|o| o.request_size = Some(32 << 20));
+        assert!(big.validate().is_ok());
+        assert_eq!(
+            plan(&nbd(Some(G), false), &null(), &big).limits.chunk,
+            32 << 20
+        );
     }
 
     #[test]

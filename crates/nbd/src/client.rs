@@ -260,8 +260,15 @@ pub struct Client {
     name: String,
     neg: Negotiated,
     block: BlockSize,
-    /// Largest read, write or zero request sent.
+    /// Largest read or write request sent: whole preferred blocks within
+    /// the server's maximum payload size.
     max_request: u32,
+    /// Largest zero or trim request sent. The specification bounds only
+    /// payloads by the server's maximum, so requests without one may be as
+    /// long as 32 bits hold: a 128 MiB hole is one request, not four of
+    /// 32 MiB, as nbdcopy sends it. A server that refuses them gets
+    /// [`Client::limit_requests_without_payload`].
+    max_effect: u32,
     next_cookie: u64,
     /// Set once the connection can no longer be trusted.
     dead: Option<(ErrorKind, String)>,
@@ -323,6 +330,7 @@ impl Client {
                 maximum,
             },
             max_request,
+            max_effect: u32::MAX - u32::MAX % minimum,
             neg,
             next_cookie: 1,
             dead: None,
@@ -339,6 +347,23 @@ impl Client {
     /// Name used in errors.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Largest read or write request this client sends.
+    pub fn max_payload(&self) -> u32 {
+        self.max_request
+    }
+
+    /// Largest zero or trim request this client sends.
+    pub fn max_request_without_payload(&self) -> u32 {
+        self.max_effect
+    }
+
+    /// Bound zero and trim requests by the server's maximum payload size
+    /// too, for a server that refuses longer ones (with `EINVAL` or
+    /// `EOVERFLOW`, as the specification allows).
+    pub fn limit_requests_without_payload(&mut self) {
+        self.max_effect = self.max_request;
     }
 
     /// Export size in bytes.
@@ -1095,7 +1120,7 @@ impl Client {
                     if fast_zero {
                         flags |= NBD_CMD_FLAG_FAST_ZERO;
                     }
-                    let n = left.min(max) as u32;
+                    let n = left.min(u64::from(self.max_effect)) as u32;
                     SubRequest::new(op, NBD_CMD_WRITE_ZEROES, flags, at, n, 0)
                 } else {
                     let n = left.min(max).min(ZERO_BUF_LEN as u64) as u32;
@@ -1108,7 +1133,8 @@ impl Client {
                         .error(ErrorKind::Unsupported, op, "server does not support trim")
                         .at(at, left));
                 }
-                SubRequest::new(op, NBD_CMD_TRIM, 0, at, left.min(max) as u32, 0)
+                let n = left.min(u64::from(self.max_effect)) as u32;
+                SubRequest::new(op, NBD_CMD_TRIM, 0, at, n, 0)
             }
         };
         Ok(Some(r))

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use nbdcp::{
     CancelToken, CopyOptions, EndpointSpec, Error, ErrorKind, OptionError, Progress, ProgressFn,
+    Report, SideReport,
 };
 
 use crate::progress::{FdProgress, ProgressBar, human_bytes};
@@ -276,6 +277,79 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
     })
 }
 
+/// A size as nbdcopy's `-v` shows it beside the bytes: `1M`, `64K`,
+/// `1.5G`.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["K", "M", "G", "T", "P", "E"];
+    let mut unit = None;
+    for (i, u) in UNITS.iter().enumerate() {
+        if bytes >= 1u64 << (10 * (i + 1)) {
+            unit = Some((i, u));
+        }
+    }
+    match unit {
+        None => bytes.to_string(),
+        Some((i, u)) => {
+            let scale = 1u64 << (10 * (i + 1));
+            if bytes % scale == 0 {
+                format!("{}{u}", bytes / scale)
+            } else {
+                format!("{:.1}{u}", bytes as f64 / scale as f64)
+            }
+        }
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "true" } else { "false" }
+}
+
+/// One side of `-v`'s report: its kind and name, then its size and, for
+/// NBD, what the server offered and how many connections were opened.
+fn describe_side(prefix: &str, side: &SideReport) -> String {
+    let size = match side.size {
+        Some(n) => format!("size={n} ({})", human_size(n)),
+        None => "size=unknown".to_string(),
+    };
+    let mut line = format!(
+        "nbdcp: {prefix}: {} {:?}\nnbdcp: {prefix}: {size}",
+        side.kind, side.name
+    );
+    if let Some(multi_conn) = side.multi_conn {
+        line += &format!(
+            ", multi-conn={}, connections={}",
+            yes_no(multi_conn),
+            side.connections
+        );
+    }
+    line.push('\n');
+    line
+}
+
+/// What `-v` prints before the copy starts, in the manner of nbdcopy's.
+fn describe_plan(r: &Report) -> String {
+    let mut out = describe_side("src", &r.source);
+    out += &describe_side("dst", &r.destination);
+    out += &format!(
+        "nbdcp: connections={} threads={} requests={} request-size={} ({}) queue-size={} ({}) \
+         sparse={} extents={} allocated={} destination-is-zero={} flush={} synchronous={}\n",
+        r.connections,
+        r.workers,
+        r.requests,
+        r.request_size,
+        human_size(r.request_size as u64),
+        r.queue_size,
+        human_size(r.queue_size as u64),
+        r.sparse_size,
+        yes_no(r.extents),
+        yes_no(r.allocated),
+        yes_no(r.destination_is_zero),
+        yes_no(r.flush),
+        yes_no(r.synchronous),
+    );
+    out
+}
+
 /// The command-line flag that sets a [`CopyOptions`] field.
 fn flag_of(field: &'static str) -> String {
     match field {
@@ -324,6 +398,9 @@ pub fn run(args: Vec<OsString>) -> i32 {
         .format_target(false)
         .init();
 
+    if inv.verbose > 0 {
+        inv.options.report = Some(Arc::new(|r: &Report| eprint!("{}", describe_plan(r))));
+    }
     let cancel = CancelToken::new();
     if let Err(e) = signals::install(cancel.clone()) {
         eprintln!("nbdcp: {e}");
@@ -546,6 +623,15 @@ mod tests {
         assert_eq!(inv.destination, EndpointSpec::Path("out.img".into()));
         assert!(parse(args(&["[", "qemu-nbd", "a"])).is_err());
         assert!(parse(args(&["[", "]", "a"])).is_err());
+    }
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(human_size(1 << 20), "1M");
+        assert_eq!(human_size(64 << 20), "64M");
+        assert_eq!(human_size(1536 << 20), "1.5G");
+        assert_eq!(human_size(4096), "4K");
+        assert_eq!(human_size(1000), "1000");
     }
 
     #[test]

@@ -148,21 +148,47 @@ fn large_requests_are_split_to_the_server_maximum() {
         1 << 20,
     )
     .unwrap();
+    // Only payloads are bounded by the server's maximum: the zero request
+    // carries none and goes out whole.
     let reqs = server.requests();
-    assert!(reqs.iter().all(|r| r.length <= 65536), "{reqs:?}");
+    let zeroes = |reqs: &[Request]| -> Vec<(u64, u32)> {
+        reqs.iter()
+            .filter(|r| r.command == NBD_CMD_WRITE_ZEROES)
+            .map(|r| (r.offset, r.length))
+            .collect()
+    };
+    assert_eq!(zeroes(&reqs), vec![(0, 299_520)]);
+    let payloads = reqs.iter().filter(|r| r.command != NBD_CMD_WRITE_ZEROES);
+    assert!(payloads.clone().all(|r| r.length <= 65536), "{reqs:?}");
     assert!(
         reqs.iter()
             .all(|r| r.offset % 512 == 0 && r.length % 512 == 0)
     );
-    let zeroes: Vec<_> = reqs
-        .iter()
-        .filter(|r| r.command == NBD_CMD_WRITE_ZEROES)
-        .collect();
-    assert!(zeroes.len() > 1);
-    assert!(zeroes.iter().all(|r| r.flags == NBD_CMD_FLAG_NO_HOLE));
+    assert!(
+        reqs.iter()
+            .all(|r| r.command != NBD_CMD_WRITE_ZEROES || r.flags == NBD_CMD_FLAG_NO_HOLE)
+    );
     let mut want = new.clone();
     want[..299_520].fill(0);
     assert_eq!(server.data(), want);
+    // A server that refuses that gets zero requests split like payloads.
+    c.limit_requests_without_payload();
+    c.write_many(
+        [WriteCmd::WriteZeroes {
+            offset: 0,
+            length: 196_608,
+            no_hole: false,
+            fast_zero: false,
+        }],
+        4,
+        1 << 20,
+    )
+    .unwrap();
+    let after = server.requests();
+    assert_eq!(
+        zeroes(&after[reqs.len()..]),
+        vec![(0, 65536), (65536, 65536), (131_072, 65536)]
+    );
 }
 
 #[test]
