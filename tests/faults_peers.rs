@@ -1,6 +1,6 @@
 //! Peers that are not NBD servers, or that break the protocol in one way
-//! each, built as small scripted servers in this process (see
-//! `common::Peer`). Every one must make nbdcp end cleanly: status 1, one
+//! each, built as small scripted servers in this process
+//! (`nbd::testkit::Server`, scripts on a `nbd::testkit::Peer`). Every one must make nbdcp end cleanly: status 1, one
 //! `nbdcp: ` line naming the peer's URI and what was wrong, no panic text,
 //! within the hang deadline, with bounded memory, and nothing left
 //! running. Peers that claim huge sizes or lengths check the memory bound
@@ -8,29 +8,33 @@
 
 mod common;
 
-use std::io::{self, Write};
-use std::path::Path;
+use std::io;
 use std::time::Duration;
 
-use common::nbd::*;
 use common::*;
+// The scripted server, not common's real-server `Server`.
+use nbd::testkit::{Export, Hook, Peer, Server, pattern_at};
+use nbd::wire::*;
 
 const MIB: u64 = 1024 * 1024;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+/// The newstyle greeting nbdcp expects, and its answer (the client flags).
+fn greeted(p: &mut Peer) -> io::Result<()> {
+    p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)?;
+    p.client_flags()?;
+    Ok(())
 }
 
 /// Run `nbdcp -C 1 --retries 0 ARGS PEER null:` and check it failed
 /// cleanly, naming the peer and every string in `expect`; returns the
 /// error line.
-fn fails_against(peer: &Peer, args: &[&str], expect: &[&str]) -> String {
-    let uri = peer.uri();
+fn fails_against(peer: &Server, args: &[&str], expect: &[&str]) -> String {
+    let uri = peer.uri_string();
     let mut all = vec!["-C", "1", "--retries", "0"];
     all.extend_from_slice(args);
     all.extend([uri.as_str(), "null:"]);
     let run = run_watched(&all);
-    let line = run.assert_clean_failure(&uri, true).to_string();
+    let line = run.assert_clean_failure(&uri).to_string();
     for e in expect {
         assert!(line.contains(e), "expected {e:?} in the error line: {line}");
     }
@@ -54,19 +58,18 @@ fn assert_hangup(line: &str) {
 }
 
 /// A hook that answers everything normally.
-fn well_behaved(_: &mut std::os::unix::net::UnixStream, _: &Req, _: usize) -> io::Result<Hook> {
+fn well_behaved(_: &mut Peer, _: &Request, _: usize) -> io::Result<Hook> {
     Ok(Hook::Pass)
 }
 
 /// A hook that lets `f` answer the first read and passes everything else.
 fn on_first_read(
-    f: impl Fn(&mut std::os::unix::net::UnixStream, &Req) -> io::Result<Hook> + Send + Sync + 'static,
-) -> impl Fn(&mut std::os::unix::net::UnixStream, &Req, usize) -> io::Result<Hook> + Send + Sync + 'static
-{
+    f: impl Fn(&mut Peer, &Request) -> io::Result<Hook> + Send + Sync + 'static,
+) -> impl Fn(&mut Peer, &Request, usize) -> io::Result<Hook> + Send + Sync + 'static {
     let done = std::sync::atomic::AtomicBool::new(false);
-    move |s, r, _| {
-        if r.command == CMD_READ && !done.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            f(s, r)
+    move |p, r, _| {
+        if r.command == NBD_CMD_READ && !done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            f(p, r)
         } else {
             Ok(Hook::Pass)
         }
@@ -79,20 +82,20 @@ fn on_first_read(
 
 #[test]
 fn control_well_behaved_peer_copies_correctly() {
-    let d = fault_dir();
+    let d = tmp();
     for export in [
         Export::new(3 * MIB + 512),
         Export::new(3 * MIB + 512).simple(),
     ] {
-        let peer = Peer::nbd(export.clone(), well_behaved);
+        let peer = Server::nbd(export.clone(), well_behaved);
         let out = d.path().join("out.img");
-        let run = run_watched(&["-C", "2", &peer.uri(), s(&out)]);
-        run.assert_success();
+        let run = run_watched(&["-C", "2", &peer.uri_string(), s(&out)]);
+        run.assert_ok();
         run.assert_memory_bounded();
         assert_file_is(&out, &pattern_bytes(export.size));
         // And as a destination (it drops what it is sent).
-        let run = run_watched(&["-C", "2", s(&out), &peer.uri()]);
-        run.assert_success();
+        let run = run_watched(&["-C", "2", s(&out), &peer.uri_string()]);
+        run.assert_ok();
     }
 }
 
@@ -101,24 +104,18 @@ fn control_well_behaved_peer_copies_correctly() {
 /// be exact.
 #[test]
 fn control_short_block_status_replies_are_completed() {
-    let d = fault_dir();
+    let d = tmp();
     let size = 2 * MIB;
-    let peer = Peer::nbd(Export::new(size), |s, r, _| {
-        if r.command == CMD_BLOCK_STATUS {
-            chunk(
-                s,
-                r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_BLOCK_STATUS,
-                &block_status_payload(&[(4096.min(r.length), 0)]),
-            )?;
+    let peer = Server::nbd(Export::new(size), |p, r, _| {
+        if r.command == NBD_CMD_BLOCK_STATUS {
+            p.block_status(r.cookie, NBD_REPLY_FLAG_DONE, &[(4096.min(r.length), 0)])?;
             return Ok(Hook::Done);
         }
         Ok(Hook::Pass)
     });
     let out = d.path().join("out.img");
-    let run = run_watched(&["-C", "1", &peer.uri(), s(&out)]);
-    run.assert_success();
+    let run = run_watched(&["-C", "1", &peer.uri_string(), s(&out)]);
+    run.assert_ok();
     assert_file_is(&out, &pattern_bytes(size));
 }
 
@@ -128,40 +125,44 @@ fn control_short_block_status_replies_are_completed() {
 
 #[test]
 fn peer_closes_at_once() {
-    let peer = Peer::start(|_, _| Ok(()));
+    let peer = Server::start(|_, _| Ok(()));
     fails_against(&peer, &[], &["handshake", "closed the connection"]);
 }
 
 #[test]
 fn peer_closes_after_the_greeting() {
-    let peer = Peer::start(|s, _| greet(s));
+    let peer = Server::start(|p, _| greeted(p));
     assert_hangup(&fails_against(&peer, &[], &["handshake"]));
 }
 
 #[test]
 fn peer_closes_in_the_middle_of_the_greeting() {
-    let peer = Peer::start(|s, _| s.write_all(b"NBDMAGIC\x49\x48"));
+    let peer = Server::start(|p, _| {
+        let g = Greeting::encode_newstyle(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+        p.raw(&g[..10])
+    });
     fails_against(&peer, &[], &["handshake"]);
 }
 
 #[test]
 fn peer_sends_random_bytes() {
-    let peer = Peer::sends_then_waits(random_bytes(7, 64 * 1024));
+    let peer = Server::sends_then_waits(random_bytes(7, 64 * 1024));
     fails_against(&peer, &[], &["handshake", "not an NBD server"]);
 }
 
 #[test]
 fn peer_sends_bad_magic() {
-    let peer = Peer::sends_then_waits(b"NBDMAGIX\x49\x48\x41\x56\x45\x4f\x50\x54\x00\x03".to_vec());
+    let peer =
+        Server::sends_then_waits(b"NBDMAGIX\x49\x48\x41\x56\x45\x4f\x50\x54\x00\x03".to_vec());
     fails_against(&peer, &[], &["handshake", "bad magic"]);
-    let peer = Peer::sends_then_waits(b"NBDMAGICNOTNBD!!\x00\x03".to_vec());
+    let peer = Server::sends_then_waits(b"NBDMAGICNOTNBD!!\x00\x03".to_vec());
     fails_against(&peer, &[], &["handshake", "bad magic"]);
 }
 
 #[test]
 fn peer_is_an_http_server() {
-    let peer = Peer::start(|s, _| {
-        s.write_all(
+    let peer = Server::start(|p, _| {
+        p.raw(
             b"HTTP/1.1 400 Bad Request\r\nServer: nginx\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         )
     });
@@ -171,19 +172,20 @@ fn peer_is_an_http_server() {
 #[test]
 fn peer_is_an_ssh_server_that_waits() {
     // Sends its banner and then waits for the client, as sshd does.
-    let peer = Peer::sends_then_waits(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n".to_vec());
+    let peer = Server::sends_then_waits(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n".to_vec());
     fails_against(&peer, &[], &["not an NBD server", "SSH-2.0-"]);
 }
 
 #[test]
 fn oldstyle_server_is_refused_clearly() {
-    let peer = Peer::start(|s, _| {
-        let mut g = b"NBDMAGIC".to_vec();
-        g.extend_from_slice(&0x0000_4202_8186_1253_u64.to_be_bytes());
+    let peer = Server::start(|p, _| {
+        // No encoder for the obsolete oldstyle greeting: by hand.
+        let mut g = NBD_MAGIC.to_be_bytes().to_vec();
+        g.extend_from_slice(&NBD_CLISERV_MAGIC.to_be_bytes());
         g.extend_from_slice(&(1u64 << 20).to_be_bytes());
         g.extend_from_slice(&[0u8; 4 + 124]);
-        s.write_all(&g)?;
-        drain(s);
+        p.raw(&g)?;
+        p.drain();
         Ok(())
     });
     fails_against(&peer, &[], &["oldstyle"]);
@@ -195,20 +197,20 @@ fn oldstyle_server_is_refused_clearly() {
 
 /// The option reply to `victim` claims `0xffffffff` bytes of data (and
 /// then sends a few): nbdcp must refuse the length, not allocate 4 GiB.
-fn oversized_option_reply(victim: u32) -> Peer {
-    Peer::start(move |s, _| {
-        greet(s)?;
+fn oversized_option_reply(victim: u32) -> Server {
+    Server::start(move |p, _| {
+        greeted(p)?;
         loop {
-            let (opt, _) = read_option(s)?;
+            let (opt, _) = p.option()?;
             if opt == victim {
-                option_reply_raw(s, opt, REP_INFO, u32::MAX, &[0u8; 1024])?;
-                drain(s);
+                p.option_reply_header(opt, NBD_REP_INFO, u32::MAX)?;
+                p.raw(&[0u8; 1024])?;
+                p.drain();
                 return Ok(());
             }
             match opt {
-                OPT_STRUCTURED_REPLY => option_reply(s, opt, REP_ACK, &[])?,
-                OPT_SET_META_CONTEXT => option_reply(s, opt, REP_ACK, &[])?,
-                _ => option_reply(s, opt, REP_ERR_UNSUP, &[])?,
+                NBD_OPT_STRUCTURED_REPLY | NBD_OPT_SET_META_CONTEXT => p.ack(opt)?,
+                _ => p.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?,
             }
         }
     })
@@ -216,7 +218,11 @@ fn oversized_option_reply(victim: u32) -> Peer {
 
 #[test]
 fn oversized_option_reply_lengths_are_refused() {
-    for victim in [OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT, OPT_GO] {
+    for victim in [
+        NBD_OPT_STRUCTURED_REPLY,
+        NBD_OPT_SET_META_CONTEXT,
+        NBD_OPT_GO,
+    ] {
         let peer = oversized_option_reply(victim);
         fails_against(&peer, &[], &["handshake", "too long"]);
     }
@@ -224,11 +230,11 @@ fn oversized_option_reply_lengths_are_refused() {
 
 #[test]
 fn reply_to_the_wrong_option_is_refused() {
-    let peer = Peer::start(|s, _| {
-        greet(s)?;
-        let (opt, _) = read_option(s)?;
-        option_reply(s, opt + 1, REP_ACK, &[])?;
-        drain(s);
+    let peer = Server::start(|p, _| {
+        greeted(p)?;
+        let (opt, _) = p.option()?;
+        p.ack(opt + 1)?;
+        p.drain();
         Ok(())
     });
     fails_against(&peer, &[], &["handshake"]);
@@ -236,16 +242,16 @@ fn reply_to_the_wrong_option_is_refused() {
 
 #[test]
 fn go_without_export_info_is_refused() {
-    let peer = Peer::start(|s, _| {
-        greet(s)?;
+    let peer = Server::start(|p, _| {
+        greeted(p)?;
         loop {
-            let (opt, _) = read_option(s)?;
-            if opt == OPT_GO {
-                option_reply(s, opt, REP_ACK, &[])?;
-                drain(s);
+            let (opt, _) = p.option()?;
+            if opt == NBD_OPT_GO {
+                p.ack(opt)?;
+                p.drain();
                 return Ok(());
             }
-            option_reply(s, opt, REP_ERR_UNSUP, &[])?;
+            p.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?;
         }
     });
     fails_against(&peer, &[], &["handshake", "NBD_INFO_EXPORT"]);
@@ -255,18 +261,17 @@ fn go_without_export_info_is_refused() {
 /// (each one valid on its own): nbdcp must give up, not spin for ever.
 #[test]
 fn endless_option_replies_end_in_an_error() {
-    let peer = Peer::start(|s, _| {
-        greet(s)?;
+    let peer = Server::start(|p, _| {
+        greeted(p)?;
         loop {
-            let (opt, _) = read_option(s)?;
-            if opt == OPT_GO {
+            let (opt, _) = p.option()?;
+            if opt == NBD_OPT_GO {
                 // An unknown NBD_INFO type, 2 bytes of type and nothing else.
-                let info = 0x7777u16.to_be_bytes();
                 loop {
-                    option_reply(s, opt, REP_INFO, &info)?;
+                    p.info(opt, &Info::Other(0x7777))?;
                 }
             }
-            option_reply(s, opt, REP_ERR_UNSUP, &[])?;
+            p.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?;
         }
     });
     fails_against(&peer, &[], &["handshake"]);
@@ -280,16 +285,16 @@ fn endless_option_replies_end_in_an_error() {
 fn reply_with_an_unknown_cookie() {
     for export in [Export::new(MIB), Export::new(MIB).simple()] {
         let structured = export.structured;
-        let peer = Peer::nbd(
+        let peer = Server::nbd(
             export,
-            on_first_read(move |s, r| {
+            on_first_read(move |p, r| {
                 let bad = r.cookie.wrapping_add(0x1000_0000);
                 if structured {
-                    chunk(s, bad, REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[])?;
+                    p.done(bad)?;
                 } else {
-                    simple_reply(s, bad, 0, &pattern_at(r.offset, r.length as usize))?;
+                    p.simple_reply(bad, 0, &pattern_at(r.offset, r.length as usize))?;
                 }
-                drain(s);
+                p.drain();
                 Ok(Hook::Done)
             }),
         );
@@ -299,11 +304,11 @@ fn reply_with_an_unknown_cookie() {
 
 #[test]
 fn random_bytes_instead_of_a_reply() {
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB),
-        on_first_read(|s, _| {
-            s.write_all(&random_bytes(3, 4096))?;
-            drain(s);
+        on_first_read(|p, _| {
+            p.raw(&random_bytes(3, 4096))?;
+            p.drain();
             Ok(Hook::Done)
         }),
     );
@@ -314,22 +319,16 @@ fn random_bytes_instead_of_a_reply() {
 fn data_chunk_outside_the_request() {
     // Just after the request, just before it, and far away.
     for shift in [0i64, -1, 1 << 40] {
-        let peer = Peer::nbd(
+        let peer = Server::nbd(
             Export::new(MIB),
-            on_first_read(move |s, r| {
+            on_first_read(move |p, r| {
                 let at = match shift {
                     0 => r.offset + u64::from(r.length),
                     -1 => r.offset.wrapping_sub(1),
                     far => r.offset + far as u64,
                 };
-                chunk(
-                    s,
-                    r.cookie,
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_OFFSET_DATA,
-                    &offset_data(at, &[0xa5; 4096]),
-                )?;
-                drain(s);
+                p.data(r.cookie, NBD_REPLY_FLAG_DONE, at, &[0xa5; 4096])?;
+                p.drain();
                 Ok(Hook::Done)
             }),
         );
@@ -341,17 +340,11 @@ fn data_chunk_outside_the_request() {
 
 #[test]
 fn hole_chunk_claiming_4_gib() {
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB),
-        on_first_read(|s, r| {
-            chunk(
-                s,
-                r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_HOLE,
-                &offset_hole(r.offset, u32::MAX),
-            )?;
-            drain(s);
+        on_first_read(|p, r| {
+            p.hole(r.cookie, NBD_REPLY_FLAG_DONE, r.offset, u32::MAX)?;
+            p.drain();
             Ok(Hook::Done)
         }),
     );
@@ -360,25 +353,13 @@ fn hole_chunk_claiming_4_gib() {
 
 #[test]
 fn overlapping_data_chunks() {
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB),
-        on_first_read(|s, r| {
+        on_first_read(|p, r| {
             let data = pattern_at(r.offset, 8192);
-            chunk(
-                s,
-                r.cookie,
-                0,
-                REPLY_TYPE_OFFSET_DATA,
-                &offset_data(r.offset, &data),
-            )?;
-            chunk(
-                s,
-                r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_DATA,
-                &offset_data(r.offset + 4096, &data),
-            )?;
-            drain(s);
+            p.data(r.cookie, 0, r.offset, &data)?;
+            p.data(r.cookie, NBD_REPLY_FLAG_DONE, r.offset + 4096, &data)?;
+            p.drain();
             Ok(Hook::Done)
         }),
     );
@@ -387,18 +368,17 @@ fn overlapping_data_chunks() {
 
 #[test]
 fn short_structured_read_reply() {
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB),
-        on_first_read(|s, r| {
+        on_first_read(|p, r| {
             let half = r.length as usize / 2;
-            chunk(
-                s,
+            p.data(
                 r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_DATA,
-                &offset_data(r.offset, &pattern_at(r.offset, half)),
+                NBD_REPLY_FLAG_DONE,
+                r.offset,
+                &pattern_at(r.offset, half),
             )?;
-            drain(s);
+            p.drain();
             Ok(Hook::Done)
         }),
     );
@@ -412,10 +392,10 @@ fn short_structured_read_reply() {
 #[test]
 fn short_simple_read_reply_then_hang_up() {
     let make = || {
-        Peer::nbd(Export::new(MIB).simple(), |s, r, _| {
-            if r.command == CMD_READ {
+        Server::nbd(Export::new(MIB).simple(), |p, r, _| {
+            if r.command == NBD_CMD_READ {
                 let data = pattern_at(r.offset, r.length as usize / 2);
-                simple_reply(s, r.cookie, 0, &data)?;
+                p.simple_reply(r.cookie, 0, &data)?;
                 return Ok(Hook::Close);
             }
             Ok(Hook::Pass)
@@ -425,9 +405,9 @@ fn short_simple_read_reply_then_hang_up() {
     assert_hangup(&fails_against(&peer, &[], &[]));
 
     let peer = make();
-    let uri = peer.uri();
+    let uri = peer.uri_string();
     let run = run_watched(&["-C", "1", &uri, "null:"]);
-    assert_hangup(run.assert_clean_failure(&uri, false));
+    assert_hangup(run.assert_clean_failure_after_retries(&uri));
     assert!(
         run.stderr.contains("retry 5 of 5"),
         "the default 5 retries should all be used:\n{}",
@@ -447,14 +427,15 @@ fn short_simple_read_reply_then_hang_up() {
 
 #[test]
 fn peer_hangs_up_mid_reply_header() {
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB),
-        on_first_read(|s, r| {
-            let mut m = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
-            m.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
-            m.extend_from_slice(&REPLY_TYPE_OFFSET_DATA.to_be_bytes());
-            m.extend_from_slice(&r.cookie.to_be_bytes()[..5]);
-            s.write_all(&m)?;
+        on_first_read(|p, r| {
+            // The first 13 of the header's 20 bytes: magic, flags, type
+            // and 5 bytes of the cookie.
+            p.hold();
+            p.chunk_header(r.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 0)?;
+            let header = p.release();
+            p.raw(&header[..13])?;
             Ok(Hook::Close)
         }),
     );
@@ -463,17 +444,12 @@ fn peer_hangs_up_mid_reply_header() {
 
 #[test]
 fn structured_reply_without_negotiating_them() {
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB).simple(),
-        on_first_read(|s, r| {
-            chunk(
-                s,
-                r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_DATA,
-                &offset_data(r.offset, &pattern_at(r.offset, r.length as usize)),
-            )?;
-            drain(s);
+        on_first_read(|p, r| {
+            let data = pattern_at(r.offset, r.length as usize);
+            p.data(r.cookie, NBD_REPLY_FLAG_DONE, r.offset, &data)?;
+            p.drain();
             Ok(Hook::Done)
         }),
     );
@@ -486,22 +462,16 @@ fn structured_reply_without_negotiating_them() {
 /// retries there is exactly one line.
 #[test]
 fn error_chunk_with_a_bogus_errno() {
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB),
-        on_first_read(|s, r| {
-            chunk(
-                s,
-                r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_ERROR,
-                &error_payload(0xdead_beef, 5, b"bogus"),
-            )?;
+        on_first_read(|p, r| {
+            p.error(r.cookie, NBD_REPLY_FLAG_DONE, 0xdead_beef, "bogus", None)?;
             Ok(Hook::Done)
         }),
     );
-    let uri = peer.uri();
+    let uri = peer.uri_string();
     let run = run_watched(&["-C", "1", &uri, "null:"]);
-    let line = run.assert_clean_failure(&uri, true);
+    let line = run.assert_clean_failure(&uri);
     assert!(
         line.contains(&format!("{uri}: read at offset ")) && line.contains("Unknown error"),
         "{line}"
@@ -515,10 +485,10 @@ fn error_chunk_with_a_bogus_errno() {
 
 #[test]
 fn simple_reply_with_a_bogus_errno() {
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB).simple(),
-        on_first_read(|s, r| {
-            simple_reply(s, r.cookie, 0x7fff_ffff, &[])?;
+        on_first_read(|p, r| {
+            p.simple_reply(r.cookie, 0x7fff_ffff, &[])?;
             Ok(Hook::Done)
         }),
     );
@@ -527,34 +497,31 @@ fn simple_reply_with_a_bogus_errno() {
 
 #[test]
 fn error_chunk_with_errno_zero_or_a_lying_message_length() {
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB),
-        on_first_read(|s, r| {
-            chunk(
-                s,
-                r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_ERROR,
-                &error_payload(0, 0, b""),
-            )?;
-            drain(s);
+        on_first_read(|p, r| {
+            p.error(r.cookie, NBD_REPLY_FLAG_DONE, 0, "", None)?;
+            p.drain();
             Ok(Hook::Done)
         }),
     );
     fails_against(&peer, &[], &["error value is zero"]);
 
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB),
-        on_first_read(|s, r| {
-            // Claims a 65535-byte message in a 10-byte payload.
-            chunk(
-                s,
+        on_first_read(|p, r| {
+            // Claims a 65535-byte message in a 10-byte payload: by hand,
+            // as no encoder lies.
+            let mut payload = NBD_EIO.to_be_bytes().to_vec();
+            payload.extend_from_slice(&u16::MAX.to_be_bytes());
+            payload.extend_from_slice(b"oops");
+            p.chunk(
                 r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_ERROR,
-                &error_payload(EIO, u16::MAX, b"oops"),
+                NBD_REPLY_FLAG_DONE,
+                NBD_REPLY_TYPE_ERROR,
+                &payload,
             )?;
-            drain(s);
+            p.drain();
             Ok(Hook::Done)
         }),
     );
@@ -563,13 +530,12 @@ fn error_chunk_with_errno_zero_or_a_lying_message_length() {
 
 #[test]
 fn error_offset_outside_the_request() {
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB),
-        on_first_read(|s, r| {
-            let mut p = error_payload(EIO, 0, b"");
-            p.extend_from_slice(&(r.offset + u64::from(r.length) + 4096).to_be_bytes());
-            chunk(s, r.cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, &p)?;
-            drain(s);
+        on_first_read(|p, r| {
+            let at = r.offset + u64::from(r.length) + 4096;
+            p.error(r.cookie, NBD_REPLY_FLAG_DONE, NBD_EIO, "", Some(at))?;
+            p.drain();
             Ok(Hook::Done)
         }),
     );
@@ -580,17 +546,11 @@ fn error_offset_outside_the_request() {
 /// say DONE: nbdcp must not spin on it for ever.
 #[test]
 fn endless_error_chunks_end_in_an_error() {
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB),
-        on_first_read(|s, r| {
+        on_first_read(|p, r| {
             loop {
-                chunk(
-                    s,
-                    r.cookie,
-                    0,
-                    REPLY_TYPE_ERROR,
-                    &error_payload(EIO, 4, b"more"),
-                )?;
+                p.error(r.cookie, 0, NBD_EIO, "more", None)?;
             }
         }),
     );
@@ -601,9 +561,9 @@ fn endless_error_chunks_end_in_an_error() {
 // Broken block status
 // ---------------------------------------------------------------------
 
-fn bad_block_status(extents: Vec<(u32, u32)>, grow_last: bool) -> Peer {
-    Peer::nbd(Export::new(4 * MIB), move |s, r, _| {
-        if r.command != CMD_BLOCK_STATUS {
+fn bad_block_status(extents: Vec<(u32, u32)>, grow_last: bool) -> Server {
+    Server::nbd(Export::new(4 * MIB), move |p, r, _| {
+        if r.command != NBD_CMD_BLOCK_STATUS {
             return Ok(Hook::Pass);
         }
         let mut e = extents.clone();
@@ -611,75 +571,114 @@ fn bad_block_status(extents: Vec<(u32, u32)>, grow_last: bool) -> Peer {
             // Cover the request, then describe one more extent beyond it.
             e.insert(0, (r.length, 0));
         }
-        chunk(
-            s,
-            r.cookie,
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_BLOCK_STATUS,
-            &block_status_payload(&e),
-        )?;
+        p.block_status(r.cookie, NBD_REPLY_FLAG_DONE, &e)?;
         Ok(Hook::Done)
     })
 }
 
-#[test]
-fn block_status_with_a_zero_length_extent() {
-    let peer = bad_block_status(vec![(0, 0)], false);
-    let uri = peer.uri();
+/// Run `-C 1 --retries 0 PEER null:` against a peer whose block status
+/// replies break the protocol; returns the error line.
+///
+/// KNOWN PRODUCT BUG: nbdcp prints a `[WARN ] ...; copying the rest as
+/// data` line for the broken reply and then fails anyway (`read:
+/// connection unusable after an earlier error: ...`): two lines for one
+/// failure. With `strict` the one-line promise is checked (the ignored
+/// `block_status_violations_end_in_one_line`); without, the shape the
+/// tests had before the strict checker: warnings, then one error line.
+fn fails_on_block_status(peer: &Server, strict: bool) -> String {
+    let uri = peer.uri_string();
     let run = run_watched(&["-C", "1", "--retries", "0", &uri, "null:"]);
-    let line = run.assert_clean_failure(&uri, false);
+    let line = if strict {
+        run.assert_clean_failure(&uri)
+    } else {
+        run.assert_clean_failure_after_retries(&uri)
+    };
+    line.to_string()
+}
+
+fn zero_length_extent(strict: bool) {
+    let peer = bad_block_status(vec![(0, 0)], false);
+    let line = fails_on_block_status(&peer, strict);
+    let uri = peer.uri_string();
     assert!(line.contains("zero-length extent"), "{line}");
     assert_eq!(line.matches(&uri).count(), 1, "name the peer once: {line}");
     assert_nothing_mentions(peer.dir());
 }
 
+fn extents_beyond_the_request(strict: bool) {
+    let peer = bad_block_status(vec![(4096, 0)], true);
+    let line = fails_on_block_status(&peer, strict);
+    assert!(line.contains("beyond the end"), "{line}");
+}
+
+fn data_for_block_status(strict: bool) {
+    let peer = Server::nbd(Export::new(MIB), |p, r, _| {
+        if r.command == NBD_CMD_BLOCK_STATUS {
+            p.data(r.cookie, NBD_REPLY_FLAG_DONE, r.offset, &[1; 512])?;
+            p.drain();
+            return Ok(Hook::Done);
+        }
+        Ok(Hook::Pass)
+    });
+    let line = fails_on_block_status(&peer, strict);
+    assert!(line.contains("read chunk"), "{line}");
+}
+
+fn chunks_claiming_4_gib(strict: bool) {
+    for chunk_type in [
+        NBD_REPLY_TYPE_BLOCK_STATUS,
+        NBD_REPLY_TYPE_ERROR,
+        NBD_REPLY_TYPE_NONE,
+        0x7fff,
+    ] {
+        let peer = Server::nbd(Export::new(MIB), move |p, r, _| {
+            if r.command == NBD_CMD_BLOCK_STATUS || r.command == NBD_CMD_READ {
+                p.chunk_header(r.cookie, NBD_REPLY_FLAG_DONE, chunk_type, u32::MAX)?;
+                p.raw(&[0u8; 4096])?;
+                p.drain();
+                return Ok(Hook::Done);
+            }
+            Ok(Hook::Pass)
+        });
+        fails_on_block_status(&peer, strict);
+    }
+}
+
+#[test]
+fn block_status_with_a_zero_length_extent() {
+    zero_length_extent(false);
+}
+
 #[test]
 fn block_status_with_extents_beyond_the_request() {
-    let peer = bad_block_status(vec![(4096, 0)], true);
-    let uri = peer.uri();
-    let run = run_watched(&["-C", "1", "--retries", "0", &uri, "null:"]);
-    let line = run.assert_clean_failure(&uri, false);
-    assert!(line.contains("beyond the end"), "{line}");
+    extents_beyond_the_request(false);
 }
 
 #[test]
 fn block_status_for_a_read_and_data_for_block_status() {
     // Data where extents were asked for.
-    let peer = Peer::nbd(Export::new(MIB), |s, r, _| {
-        if r.command == CMD_BLOCK_STATUS {
-            chunk(
-                s,
-                r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_DATA,
-                &offset_data(r.offset, &[1; 512]),
-            )?;
-            drain(s);
-            return Ok(Hook::Done);
-        }
-        Ok(Hook::Pass)
-    });
-    let uri = peer.uri();
-    let run = run_watched(&["-C", "1", "--retries", "0", &uri, "null:"]);
-    let line = run.assert_clean_failure(&uri, false);
-    assert!(line.contains("read chunk"), "{line}");
+    data_for_block_status(false);
 
     // Extents where data was asked for.
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB),
-        on_first_read(|s, r| {
-            chunk(
-                s,
-                r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_BLOCK_STATUS,
-                &block_status_payload(&[(r.length, 0)]),
-            )?;
-            drain(s);
+        on_first_read(|p, r| {
+            p.block_status(r.cookie, NBD_REPLY_FLAG_DONE, &[(r.length, 0)])?;
+            p.drain();
             Ok(Hook::Done)
         }),
     );
     fails_against(&peer, &[], &["block status in reply to NBD_CMD_READ"]);
+}
+
+/// Every block status reply that breaks the protocol ends in one line,
+/// as every failure must.
+#[test]
+fn block_status_violations_end_in_one_line() {
+    zero_length_extent(true);
+    extents_beyond_the_request(true);
+    data_for_block_status(true);
+    chunks_claiming_4_gib(true);
 }
 
 // ---------------------------------------------------------------------
@@ -687,16 +686,10 @@ fn block_status_for_a_read_and_data_for_block_status() {
 // ---------------------------------------------------------------------
 
 /// An export that claims `size` bytes and answers every read with EIO.
-fn huge_export(size: u64) -> Peer {
-    Peer::nbd(Export::new(size), |s, r, _| {
-        if r.command == CMD_READ {
-            chunk(
-                s,
-                r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_ERROR,
-                &error_payload(EIO, 4, b"nope"),
-            )?;
+fn huge_export(size: u64) -> Server {
+    Server::nbd(Export::new(size), |p, r, _| {
+        if r.command == NBD_CMD_READ {
+            p.error(r.cookie, NBD_REPLY_FLAG_DONE, NBD_EIO, "nope", None)?;
             return Ok(Hook::Done);
         }
         Ok(Hook::Pass)
@@ -718,13 +711,13 @@ fn export_size_2_pow_63_to_null() {
 /// file and the size, before anything is read.
 #[test]
 fn huge_export_sizes_to_a_file() {
-    let d = fault_dir();
+    let d = tmp();
     let out = d.path().join("out.img");
     for size in [1u64 << 63, u64::MAX, 1 << 50] {
         let peer = huge_export(size);
-        let uri = peer.uri();
+        let uri = peer.uri_string();
         let run = run_watched(&["-C", "1", "--retries", "0", &uri, s(&out)]);
-        let line = run.assert_clean_failure(s(&out), true);
+        let line = run.assert_clean_failure(s(&out));
         assert!(line.contains(&size.to_string()), "name the size: {line}");
     }
 }
@@ -733,29 +726,29 @@ fn huge_export_sizes_to_a_file() {
 /// succeeds, and nothing is sized by the destination's claim.
 #[test]
 fn destination_claiming_2_pow_63_bytes() {
-    let d = fault_dir();
+    let d = tmp();
     let src = d.path().join("src.img");
     random_file(&src, 4 * MIB, 9);
-    let peer = Peer::nbd(Export::new(1 << 63), well_behaved);
-    let run = run_watched(&["-C", "2", s(&src), &peer.uri()]);
-    run.assert_success();
+    let peer = Server::nbd(Export::new(1 << 63), well_behaved);
+    let run = run_watched(&["-C", "2", s(&src), &peer.uri_string()]);
+    run.assert_ok();
     run.assert_memory_bounded();
 }
 
 #[test]
 fn data_chunk_claiming_4_gib() {
-    let peer = Peer::nbd(
+    let peer = Server::nbd(
         Export::new(MIB),
-        on_first_read(|s, r| {
-            chunk_raw(
-                s,
+        on_first_read(|p, r| {
+            p.chunk_header(
                 r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_DATA,
+                NBD_REPLY_FLAG_DONE,
+                NBD_REPLY_TYPE_OFFSET_DATA,
                 u32::MAX,
-                &offset_data(r.offset, &[7u8; 4096]),
             )?;
-            drain(s);
+            p.raw(&encode_offset_data_prefix(r.offset))?;
+            p.raw(&[7u8; 4096])?;
+            p.drain();
             Ok(Hook::Done)
         }),
     );
@@ -764,24 +757,7 @@ fn data_chunk_claiming_4_gib() {
 
 #[test]
 fn block_status_and_error_chunks_claiming_4_gib() {
-    for ctype in [
-        REPLY_TYPE_BLOCK_STATUS,
-        REPLY_TYPE_ERROR,
-        REPLY_TYPE_NONE,
-        0x7fff,
-    ] {
-        let peer = Peer::nbd(Export::new(MIB), move |s, r, _| {
-            if r.command == CMD_BLOCK_STATUS || r.command == CMD_READ {
-                chunk_raw(s, r.cookie, REPLY_FLAG_DONE, ctype, u32::MAX, &[0u8; 4096])?;
-                drain(s);
-                return Ok(Hook::Done);
-            }
-            Ok(Hook::Pass)
-        });
-        let uri = peer.uri();
-        let run = run_watched(&["-C", "1", "--retries", "0", &uri, "null:"]);
-        run.assert_clean_failure(&uri, false);
-    }
+    chunks_claiming_4_gib(false);
 }
 
 /// One block status chunk with a million 1-byte extents (the most nbdcp
@@ -789,26 +765,19 @@ fn block_status_and_error_chunks_claiming_4_gib() {
 /// stay small.
 #[test]
 fn a_million_tiny_extents() {
-    let d = fault_dir();
+    let d = tmp();
     let size = 2 * MIB;
-    let peer = Peer::nbd(Export::new(size), |s, r, _| {
-        if r.command == CMD_BLOCK_STATUS {
+    let peer = Server::nbd(Export::new(size), |p, r, _| {
+        if r.command == NBD_CMD_BLOCK_STATUS {
             let n = (r.length as usize).min(1 << 20);
-            let extents: Vec<(u32, u32)> = vec![(1, 0); n];
-            chunk(
-                s,
-                r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_BLOCK_STATUS,
-                &block_status_payload(&extents),
-            )?;
+            p.block_status(r.cookie, NBD_REPLY_FLAG_DONE, &vec![(1, 0); n])?;
             return Ok(Hook::Done);
         }
         Ok(Hook::Pass)
     });
     let out = d.path().join("out.img");
-    let run = run_watched(&["-C", "1", &peer.uri(), s(&out)]);
-    run.assert_success();
+    let run = run_watched(&["-C", "1", &peer.uri_string(), s(&out)]);
+    run.assert_ok();
     run.assert_memory_bounded();
     assert_file_is(&out, &pattern_bytes(size));
 }
@@ -818,14 +787,13 @@ fn a_million_tiny_extents() {
 /// buffers.
 #[test]
 fn huge_block_size_constraints_are_clamped() {
-    let d = fault_dir();
+    let d = tmp();
     let size = 4 * MIB;
-    let mut export = Export::new(size);
-    export.block_size = Some((64 * 1024, 1 << 31, u32::MAX));
-    let peer = Peer::nbd(export, well_behaved);
+    let export = Export::new(size).block_size(64 * 1024, 1 << 31, u32::MAX);
+    let peer = Server::nbd(export, well_behaved);
     let out = d.path().join("out.img");
-    let run = run_watched(&["-C", "1", &peer.uri(), s(&out)]);
-    run.assert_success();
+    let run = run_watched(&["-C", "1", &peer.uri_string(), s(&out)]);
+    run.assert_ok();
     run.assert_memory_bounded();
     assert_file_is(&out, &pattern_bytes(size));
 }
@@ -836,10 +804,10 @@ fn huge_block_size_constraints_are_clamped() {
 
 #[test]
 fn stalled_read_with_timeout_fails_in_time() {
-    let peer = Peer::nbd(Export::new(MIB), on_first_read(|_, _| Ok(Hook::Stall)));
-    let uri = peer.uri();
+    let peer = Server::nbd(Export::new(MIB), on_first_read(|_, _| Ok(Hook::Stall)));
+    let uri = peer.uri_string();
     let run = run_watched(&["-C", "1", "--timeout", "1", "--retries", "0", &uri, "null:"]);
-    let line = run.assert_clean_failure(&uri, true);
+    let line = run.assert_clean_failure(&uri);
     assert!(line.contains("timed out"), "{line}");
     assert!(
         run.elapsed < Duration::from_secs(4),
@@ -852,16 +820,16 @@ fn stalled_read_with_timeout_fails_in_time() {
 /// still fail, after the retries, in bounded time.
 #[test]
 fn stalled_peer_with_timeout_and_retries_gives_up() {
-    let peer = Peer::nbd(Export::new(MIB), |_, r, _| {
-        Ok(if r.command == CMD_READ {
+    let peer = Server::nbd(Export::new(MIB), |_, r, _| {
+        Ok(if r.command == NBD_CMD_READ {
             Hook::Stall
         } else {
             Hook::Pass
         })
     });
-    let uri = peer.uri();
+    let uri = peer.uri_string();
     let run = run_watched(&["-C", "1", "--timeout", "1", "--retries", "2", &uri, "null:"]);
-    let line = run.assert_clean_failure(&uri, false);
+    let line = run.assert_clean_failure_after_retries(&uri);
     assert!(line.contains("timed out"), "{line}");
     assert!(
         run.elapsed < Duration::from_secs(6),
@@ -877,14 +845,14 @@ fn stalled_peer_with_timeout_and_retries_gives_up() {
 
 #[test]
 fn stalled_handshake_with_timeout_fails_in_time() {
-    let peer = Peer::start(|s, _| {
-        greet(s)?;
-        drain(s);
+    let peer = Server::start(|p, _| {
+        greeted(p)?;
+        p.drain();
         Ok(())
     });
-    let uri = peer.uri();
+    let uri = peer.uri_string();
     let run = run_watched(&["--timeout", "1", &uri, "null:"]);
-    let line = run.assert_clean_failure(&uri, true);
+    let line = run.assert_clean_failure(&uri);
     assert!(
         line.contains("handshake") && line.contains("timed out"),
         "{line}"
@@ -897,17 +865,21 @@ fn stalled_handshake_with_timeout_fails_in_time() {
 }
 
 /// No --timeout, the peer never answers a read, and the user presses
-/// Ctrl-C: nbdcp must still stop, with status 130, within seconds.
-#[test]
-fn sigint_while_a_peer_does_not_answer() {
-    let peer = Peer::nbd(Export::new(MIB), on_first_read(|_, _| Ok(Hook::Stall)));
-    let uri = peer.uri();
+/// Ctrl-C: nbdcp must still stop, with status 130, within seconds, and
+/// (with `strict`) say so in one line.
+///
+/// KNOWN PRODUCT BUG: when the copy does not stop within the grace
+/// period, nbdcp exits with 130 but prints nothing (`exit_now` in
+/// src/signals.rs `_exit`s without the `interrupted by signal` line), so
+/// the strict form is the ignored test.
+fn sigint_while_a_peer_does_not_answer_checked(strict: bool) {
+    let peer = Server::nbd(Export::new(MIB), on_first_read(|_, _| Ok(Hook::Stall)));
+    let uri = peer.uri_string();
     let mut run = Watched::spawn(&["-C", "1", &uri, "null:"]);
-    wait_until("nbdcp to connect", Duration::from_secs(10), || {
-        peer.connections() > 0
+    // The read the peer will never answer has arrived.
+    peer.wait_for_request("the read", Duration::from_secs(10), |_, r| {
+        r.command == NBD_CMD_READ
     });
-    // Give it a moment to send the read the peer will never answer.
-    std::thread::sleep(Duration::from_millis(200));
     assert!(run.is_running(), "nbdcp ended before the signal");
     run.signal(libc::SIGINT);
     let signalled = run.elapsed();
@@ -919,19 +891,33 @@ fn sigint_while_a_peer_does_not_answer() {
         done.elapsed - signalled
     );
     assert!(!done.stderr.contains("panicked"), "{}", done.stderr);
+    if strict {
+        let line = done.assert_failure(130, "interrupted");
+        assert_eq!(line, "nbdcp: interrupted by signal 2");
+    }
+}
+
+#[test]
+fn sigint_while_a_peer_does_not_answer() {
+    sigint_while_a_peer_does_not_answer_checked(false);
+}
+
+#[test]
+fn sigint_while_a_peer_does_not_answer_says_so() {
+    sigint_while_a_peer_does_not_answer_checked(true);
 }
 
 // ---------------------------------------------------------------------
 // Destination peers
 // ---------------------------------------------------------------------
 
-fn to_peer(peer: &Peer, size: u64, expect: &[&str]) {
-    let d = fault_dir();
+fn to_peer(peer: &Server, size: u64, expect: &[&str]) {
+    let d = tmp();
     let src = d.path().join("src.img");
     random_file(&src, size, 5);
-    let uri = peer.uri();
+    let uri = peer.uri_string();
     let run = run_watched(&["-C", "1", "--retries", "0", s(&src), &uri]);
-    let line = run.assert_clean_failure(&uri, true);
+    let line = run.assert_clean_failure(&uri);
     for e in expect {
         assert!(line.contains(e), "expected {e:?} in: {line}");
     }
@@ -939,10 +925,10 @@ fn to_peer(peer: &Peer, size: u64, expect: &[&str]) {
 
 #[test]
 fn destination_write_reply_with_an_unknown_cookie() {
-    let peer = Peer::nbd(Export::new(MIB), |s, r, _| {
-        if r.command == CMD_WRITE {
-            simple_reply(s, r.cookie ^ 0xffff_0000, 0, &[])?;
-            drain(s);
+    let peer = Server::nbd(Export::new(MIB), |p, r, _| {
+        if r.command == NBD_CMD_WRITE {
+            p.simple_reply(r.cookie ^ 0xffff_0000, 0, &[])?;
+            p.drain();
             return Ok(Hook::Done);
         }
         Ok(Hook::Pass)
@@ -952,16 +938,10 @@ fn destination_write_reply_with_an_unknown_cookie() {
 
 #[test]
 fn destination_write_answered_with_data() {
-    let peer = Peer::nbd(Export::new(MIB), |s, r, _| {
-        if r.command == CMD_WRITE {
-            chunk(
-                s,
-                r.cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_DATA,
-                &offset_data(r.offset, &[0; 512]),
-            )?;
-            drain(s);
+    let peer = Server::nbd(Export::new(MIB), |p, r, _| {
+        if r.command == NBD_CMD_WRITE {
+            p.data(r.cookie, NBD_REPLY_FLAG_DONE, r.offset, &[0; 512])?;
+            p.drain();
             return Ok(Hook::Done);
         }
         Ok(Hook::Pass)
@@ -971,9 +951,9 @@ fn destination_write_answered_with_data() {
 
 #[test]
 fn destination_flush_fails() {
-    let peer = Peer::nbd(Export::new(MIB), |s, r, _| {
-        if r.command == CMD_FLUSH {
-            simple_reply(s, r.cookie, 28, &[])?; // ENOSPC
+    let peer = Server::nbd(Export::new(MIB), |p, r, _| {
+        if r.command == NBD_CMD_FLUSH {
+            p.simple_reply(r.cookie, NBD_ENOSPC, &[])?;
             return Ok(Hook::Done);
         }
         Ok(Hook::Pass)
@@ -984,8 +964,8 @@ fn destination_flush_fails() {
 
 #[test]
 fn destination_closes_on_the_first_write() {
-    let peer = Peer::nbd(Export::new(MIB), |_, r, _| {
-        Ok(if r.command == CMD_WRITE {
+    let peer = Server::nbd(Export::new(MIB), |_, r, _| {
+        Ok(if r.command == NBD_CMD_WRITE {
             Hook::Close
         } else {
             Hook::Pass
@@ -1003,25 +983,23 @@ fn destination_closes_on_the_first_write() {
 /// exactly one error line.
 #[test]
 fn one_broken_connection_of_four_stops_every_worker() {
-    let peer = Peer::start(|s, conn| {
+    let peer = Server::start(|p, conn| {
         let export = Export::new(512 * MIB).no_extents();
-        if !negotiate(s, &export)? {
+        if !p.negotiate(&export)? {
             return Ok(());
         }
-        serve(s, &export, &|s: &mut std::os::unix::net::UnixStream,
-                            r: &Req,
-                            n| {
-            if conn == 2 && r.command == CMD_READ && n == 3 {
-                simple_reply(s, r.cookie.wrapping_add(999), 0, &[])?;
-                drain(s);
+        p.serve(&|p: &mut Peer, r: &Request, n| {
+            if conn == 2 && r.command == NBD_CMD_READ && n == 3 {
+                p.simple_reply(r.cookie.wrapping_add(999), 0, &[])?;
+                p.drain();
                 return Ok(Hook::Done);
             }
             Ok(Hook::Pass)
         })
     });
-    let uri = peer.uri();
+    let uri = peer.uri_string();
     let run = run_watched(&["-C", "4", "-T", "4", &uri, "null:"]);
-    let line = run.assert_clean_failure(&uri, true);
+    let line = run.assert_clean_failure(&uri);
     assert!(line.contains("unknown cookie"), "{line}");
     assert_eq!(peer.connections(), 4);
     assert!(

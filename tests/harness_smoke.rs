@@ -260,6 +260,119 @@ fn assert_same_bytes_names_the_first_difference() {
 #[test]
 fn nbdcp_binary_is_built() {
     assert!(nbdcp_bin().exists());
-    let out = nbdcp().arg("--version").output().unwrap();
-    assert!(out.status.success());
+    let out = run(&["--version"]);
+    out.assert_ok();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("nbdcp "));
+}
+
+/// A finished run, made up, to try the checkers on.
+fn finished(code: i32, stderr: &str) -> Finished {
+    Finished {
+        args: vec!["made-up".into()],
+        code: Some(code),
+        stderr: stderr.into(),
+        // No such process: reaped.
+        pid: u32::MAX,
+        ..Finished::default()
+    }
+}
+
+fn rejects(what: &str, check: impl FnOnce() + std::panic::UnwindSafe) {
+    assert!(
+        std::panic::catch_unwind(check).is_err(),
+        "the checker accepted {what}"
+    );
+}
+
+/// The strict failure checker accepts exactly one `nbdcp: ` line naming
+/// the endpoint with the right status, and nothing else.
+#[test]
+fn clean_failure_checker_is_strict() {
+    let good = "nbdcp: nbd://x/: read at offset 0 length 512: Input/output error\n";
+    assert_eq!(
+        finished(1, good).assert_clean_failure("nbd://x/"),
+        good.trim_end()
+    );
+    // Without the trailing newline too.
+    finished(1, good.trim_end()).assert_clean_failure("nbd://x/");
+    finished(2, good).assert_failure(2, "nbd://x/");
+    rejects("status 2", || {
+        finished(2, good).assert_clean_failure("nbd://x/");
+    });
+    rejects("status 0", || {
+        finished(0, good).assert_clean_failure("nbd://x/");
+    });
+    rejects("a signal", || {
+        let mut f = finished(1, good);
+        f.code = None;
+        f.signal = Some(9);
+        f.assert_clean_failure("nbd://x/");
+    });
+    rejects("another endpoint", || {
+        finished(1, good).assert_clean_failure("nbd://y/");
+    });
+    rejects("two lines", || {
+        finished(1, &format!("{good}{good}")).assert_clean_failure("nbd://x/");
+    });
+    rejects("a warning first", || {
+        finished(1, &format!("[WARN ] slow\n{good}")).assert_clean_failure("nbd://x/");
+    });
+    rejects("a blank line after", || {
+        finished(1, &format!("{good}\n")).assert_clean_failure("nbd://x/");
+    });
+    rejects("no `nbdcp: `", || {
+        finished(1, "error: nbd://x/ is bad\n").assert_clean_failure("nbd://x/");
+    });
+    rejects("nothing", || {
+        finished(1, "").assert_clean_failure("nbd://x/");
+    });
+    rejects("a panic", || {
+        finished(1, "nbdcp: nbd://x/: thread 'main' panicked at src/x.rs\n")
+            .assert_clean_failure("nbd://x/");
+    });
+    rejects("RUST_BACKTRACE", || {
+        finished(1, "nbdcp: nbd://x/: note: run with `RUST_BACKTRACE=1`\n")
+            .assert_clean_failure("nbd://x/");
+    });
+    rejects("too much memory", || {
+        let mut f = finished(1, good);
+        f.max_rss_kib = RSS_LIMIT_KIB;
+        f.assert_clean_failure("nbd://x/");
+    });
+    // With retries, `[WARN ]` lines may come first, and nothing else.
+    let retried = format!("[WARN ] nbd://x/: gone; retry 1 of 1\n{good}");
+    finished(1, &retried).assert_clean_failure_after_retries("nbd://x/");
+    finished(1, good).assert_clean_failure_after_retries("nbd://x/");
+    rejects("another line before the error", || {
+        finished(1, &format!("hello\n{good}")).assert_clean_failure_after_retries("nbd://x/");
+    });
+    rejects("a line after the error", || {
+        finished(1, &format!("{good}[WARN ] late\n"))
+            .assert_clean_failure_after_retries("nbd://x/");
+    });
+}
+
+/// The success checker wants status 0 and an empty stderr, unless the run
+/// was verbose.
+#[test]
+fn ok_checker_is_strict() {
+    finished(0, "").assert_ok();
+    rejects("status 1", || {
+        finished(1, "").assert_ok();
+    });
+    rejects("a warning", || {
+        finished(0, "[WARN ] hm\n").assert_ok();
+    });
+    let mut verbose = finished(0, "[INFO ] copied 1 MiB\n");
+    verbose.verbose = true;
+    verbose.assert_ok();
+    rejects("an error line in a verbose run", || {
+        let mut f = finished(0, "nbdcp: x: failed\n");
+        f.verbose = true;
+        f.assert_ok();
+    });
+    finished(0, "[WARN ] retry 1 of 5\n").assert_ok_after_warnings();
+    rejects("other text after warnings", || {
+        finished(0, "[WARN ] retry\nnbdcp: x\n").assert_ok_after_warnings();
+    });
 }

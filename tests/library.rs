@@ -84,16 +84,13 @@ fn not_utf8(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
 
 #[test]
 fn paths_that_are_not_utf8_are_used_byte_for_byte() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let src = not_utf8(dir.path(), "source.img");
     let dst = not_utf8(dir.path(), "copy.img");
     mixed_image(&src, 3 << 20, 7);
-    let out = nbdcp().arg(&src).arg(&dst).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    Nbdcp::new_os(&[src.as_os_str(), dst.as_os_str()])
+        .run()
+        .assert_ok();
     assert_same_bytes(&src, &dst);
     // Only the two files named: no lossy look-alike was created.
     let mut names: Vec<Vec<u8>> = std::fs::read_dir(dir.path())
@@ -112,21 +109,19 @@ fn paths_that_are_not_utf8_are_used_byte_for_byte() {
 #[test]
 fn server_command_words_that_are_not_utf8_reach_the_server() {
     require("qemu-nbd");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tmp();
     let image = not_utf8(dir.path(), "disk.img");
     mixed_image(&image, 2 << 20, 8);
     let copy = dir.path().join("copy.img");
-    let out = nbdcp()
-        .args(["--", "[", "qemu-nbd", "-f", "raw"])
-        .arg(&image)
-        .arg("]")
-        .arg(&copy)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let words: Vec<&std::ffi::OsStr> = ["--", "[", "qemu-nbd", "-f", "raw"]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain([
+            image.as_os_str(),
+            std::ffi::OsStr::new("]"),
+            copy.as_os_str(),
+        ])
+        .collect();
+    Nbdcp::new_os(&words).run().assert_ok();
     assert_same_bytes(&image, &copy);
 }

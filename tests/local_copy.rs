@@ -3,53 +3,16 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 
-use common::{allocated_bytes, assert_same_bytes, mixed_image, nbdcp_bin};
+use common::{Nbdcp, allocated_bytes, assert_same_bytes, mixed_image, nbdcp_bin, run, run_ok, s};
 
 /// An odd size: not a multiple of any block or request size.
 const SIZE: u64 = 24 * 1024 * 1024 + 1234;
 
-fn nbdcp(args: &[&str]) -> Output {
-    Command::new(nbdcp_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run nbdcp")
-}
-
 fn ok(args: &[&str]) {
-    let out = nbdcp(args);
-    assert!(
-        out.status.success(),
-        "nbdcp {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs nbdcp expecting failure; returns its stderr, checked to be a
-/// single `nbdcp: ...` line without panic text.
-fn fails(args: &[&str]) -> String {
-    let out = nbdcp(args);
-    check_failure(&out, &args)
-}
-
-fn check_failure(out: &Output, what: &dyn std::fmt::Debug) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{what:?} should fail");
-    assert_ne!(out.status.code(), Some(0));
-    assert!(!stderr.contains("panicked"), "{what:?} panicked: {stderr}");
-    assert!(
-        stderr.trim_end().lines().count() >= 1,
-        "{what:?}: no message"
-    );
-    assert!(
-        stderr.contains("nbdcp: ") || stderr.contains("error:"),
-        "{what:?}: {stderr}"
-    );
-    stderr
+    run_ok(args);
 }
 
 struct Fixture {
@@ -59,7 +22,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = common::tmp();
         let src = dir.path().join("src.img");
         mixed_image(&src, SIZE, 42);
         Fixture { dir, src }
@@ -68,17 +31,13 @@ impl Fixture {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
-
-    fn s(p: &Path) -> &str {
-        p.to_str().unwrap()
-    }
 }
 
 #[test]
 fn file_to_file_copies_bytes_and_keeps_holes() {
     let f = Fixture::new();
     let dst = f.path("dst.img");
-    ok(&[Fixture::s(&f.src), Fixture::s(&dst)]);
+    ok(&[s(&f.src), s(&dst)]);
     assert_same_bytes(&f.src, &dst);
     // The mixed image has written zero blocks as well as holes: nbdcp must
     // leave both unallocated, so the copy takes less space than the source.
@@ -95,7 +54,7 @@ fn existing_destination_is_replaced_and_resized() {
     let f = Fixture::new();
     let dst = f.path("dst.img");
     std::fs::write(&dst, vec![0xffu8; (SIZE * 2) as usize]).unwrap();
-    ok(&[Fixture::s(&f.src), Fixture::s(&dst)]);
+    ok(&[s(&f.src), s(&dst)]);
     assert_same_bytes(&f.src, &dst);
 }
 
@@ -103,7 +62,7 @@ fn existing_destination_is_replaced_and_resized() {
 fn allocated_output_has_no_holes() {
     let f = Fixture::new();
     let dst = f.path("dst.img");
-    ok(&["--allocated", Fixture::s(&f.src), Fixture::s(&dst)]);
+    ok(&["--allocated", s(&f.src), s(&dst)]);
     assert_same_bytes(&f.src, &dst);
     let a = allocated_bytes(&dst);
     assert!(
@@ -116,8 +75,8 @@ fn allocated_output_has_no_holes() {
 fn sparse_zero_turns_off_zero_detection() {
     let f = Fixture::new();
     let (d1, d2) = (f.path("d1.img"), f.path("d2.img"));
-    ok(&["-S", "0", Fixture::s(&f.src), Fixture::s(&d1)]);
-    ok(&[Fixture::s(&f.src), Fixture::s(&d2)]);
+    ok(&["-S", "0", s(&f.src), s(&d1)]);
+    ok(&[s(&f.src), s(&d2)]);
     assert_same_bytes(&f.src, &d1);
     assert_same_bytes(&f.src, &d2);
     // With -S 0 the written zero blocks of the source are written as data.
@@ -143,7 +102,7 @@ fn no_extents_and_destination_is_zero_give_the_same_bytes() {
     .enumerate()
     {
         let dst = f.path(&format!("d{i}.img"));
-        ok(&[flag, Fixture::s(&f.src), Fixture::s(&dst)]);
+        ok(&[flag, s(&f.src), s(&dst)]);
         assert_same_bytes(&f.src, &dst);
     }
 }
@@ -160,7 +119,7 @@ fn connections_and_request_sizes_give_identical_output() {
     ] {
         let dst = f.path("dst.img");
         let mut all: Vec<&str> = args.to_vec();
-        all.extend([Fixture::s(&f.src), Fixture::s(&dst)]);
+        all.extend([s(&f.src), s(&dst)]);
         ok(&all);
         assert_same_bytes(&f.src, &dst);
     }
@@ -169,39 +128,20 @@ fn connections_and_request_sizes_give_identical_output() {
 #[test]
 fn null_destination_reads_everything() {
     let f = Fixture::new();
-    let out = nbdcp(&["-v", Fixture::s(&f.src), "null:"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(log.contains("copied 24.0 MiB"), "{log}");
+    let out = run_ok(&["-v", s(&f.src), "null:"]);
+    assert!(out.stderr.contains("copied 24.0 MiB"), "{}", out.stderr);
 }
 
 #[test]
 fn stdin_to_file() {
     let f = Fixture::new();
     let dst = f.path("dst.img");
-    let mut child = Command::new(nbdcp_bin())
-        .args(["-", Fixture::s(&dst)])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let data = std::fs::read(&f.src).unwrap();
-    let mut stdin = child.stdin.take().unwrap();
     // Odd-sized writes so that reads see partial buffers.
-    for piece in data.chunks(100_003) {
-        stdin.write_all(piece).unwrap();
-    }
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    Nbdcp::new(&["-", s(&dst)])
+        .stdin_in_pieces(&data, 100_003)
+        .run()
+        .assert_ok();
     assert_same_bytes(&f.src, &dst);
     assert!(allocated_bytes(&dst) < SIZE / 2, "stdin copy is not sparse");
 }
@@ -210,28 +150,14 @@ fn stdin_to_file() {
 fn file_to_stdout_pipe_and_redirect() {
     let f = Fixture::new();
     // Through a pipe: holes must come out as zero bytes, in order.
-    let out = Command::new(nbdcp_bin())
-        .args([Fixture::s(&f.src), "-"])
-        .stdout(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&[s(&f.src), "-"]);
     let piped = f.path("piped.img");
     std::fs::write(&piped, &out.stdout).unwrap();
     assert_same_bytes(&f.src, &piped);
     // Redirected to a file: treated as a file.
     let redirected = f.path("redirected.img");
     let file = std::fs::File::create(&redirected).unwrap();
-    let status = Command::new(nbdcp_bin())
-        .args([Fixture::s(&f.src), "-"])
-        .stdout(file)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    Nbdcp::new(&[s(&f.src), "-"]).stdout(file).run().assert_ok();
     assert_same_bytes(&f.src, &redirected);
 }
 
@@ -239,44 +165,22 @@ fn file_to_stdout_pipe_and_redirect() {
 /// not wake each other every 64 KiB; the bytes are unchanged.
 #[test]
 fn stdout_pipe_is_grown() {
-    use std::io::Read;
-    use std::os::fd::AsRawFd;
     let f = Fixture::new();
-    let mut child = Command::new(nbdcp_bin())
-        .args([Fixture::s(&f.src), "-"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut bytes = Vec::new();
-    stdout.read_to_end(&mut bytes).unwrap();
-    assert!(child.wait().unwrap().success());
-    // SAFETY: F_GETPIPE_SZ only reads the pipe's capacity.
-    let capacity = unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_GETPIPE_SZ) };
-    assert_eq!(capacity, 1 << 20);
-    assert!(bytes == std::fs::read(&f.src).unwrap());
+    let out = run_ok(&[s(&f.src), "-"]);
+    assert_eq!(out.stdout_pipe_capacity, Some(1 << 20));
+    assert!(out.stdout == std::fs::read(&f.src).unwrap());
 }
 
 #[test]
 fn progress_to_a_file_descriptor() {
     let f = Fixture::new();
     let dst = f.path("dst.img");
-    // fd 3 is our stderr duplicated by the shell; read the lines back.
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "'{}' --progress=3 '{}' '{}' 3>&1 1>/dev/null",
-            nbdcp_bin().display(),
-            f.src.display(),
-            dst.display()
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // fd 3 is the collected stdout, duplicated by the shell (which execs
+    // nbdcp); nbdcp's own stdout is /dev/null. Read the lines back.
+    let out = Nbdcp::new(&["--progress=3", s(&f.src), s(&dst)])
+        .via(&["sh", "-c", r#"exec "$0" "$@" 3>&1 1>/dev/null"#])
+        .run();
+    out.assert_ok();
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.first(), Some(&"0/100"), "{text}");
@@ -291,42 +195,87 @@ fn progress_to_a_file_descriptor() {
     );
 }
 
+/// Bad input that nbdcp itself judges: status 1 for what fails when
+/// opened or copied, 2 for a command line it cannot use; one line naming
+/// what is wrong either way.
 #[test]
 fn bad_input_gets_one_clear_line() {
     let f = Fixture::new();
-    let src = Fixture::s(&f.src);
+    let src = s(&f.src);
     let dst_path = f.path("dst.img");
-    let dst = Fixture::s(&dst_path);
-    let missing = f.path("missing.img");
-    let dir = f.dir.path().to_str().unwrap();
+    let dst = s(&dst_path);
+    let missing_path = f.path("missing.img");
+    let missing = s(&missing_path);
+    let dir = s(f.dir.path());
 
-    let e = fails(&[Fixture::s(&missing), dst]);
-    assert!(
-        e.contains("missing.img") && e.contains("No such file"),
-        "{e}"
-    );
-    let e = fails(&[dir, dst]);
+    let e = run(&[missing, dst])
+        .assert_clean_failure(missing)
+        .to_string();
+    assert!(e.contains("No such file"), "{e}");
+    let e = run(&[dir, dst]).assert_failure(2, dir).to_string();
     assert!(e.contains("directory"), "{e}");
-    let e = fails(&[src, dir]);
+    let e = run(&[src, dir]).assert_failure(2, dir).to_string();
     assert!(e.contains("directory"), "{e}");
-    let e = fails(&["--request-size", "3", src, dst]);
-    assert!(e.contains("request-size"), "{e}");
-    let e = fails(&["-C", "0", src, dst]);
-    assert!(e.contains("connections") || e.contains("at least 1"), "{e}");
-    let e = fails(&["--queue-size", "4Q", src, dst]);
-    assert!(e.contains("suffix"), "{e}");
-    let e = fails(&["-", "-"]);
-    assert!(e.contains("'-'"), "{e}");
-    let e = fails(&[src, src]);
+    let e = run(&["--request-size", "3", src, dst])
+        .assert_failure(2, "--request-size")
+        .to_string();
+    assert!(e.contains("power of two"), "{e}");
+    let e = run(&["-", "-"]).assert_failure(2, "'-'").to_string();
+    assert!(e.contains("not both"), "{e}");
+    let e = run(&[src, src]).assert_failure(2, src).to_string();
     assert!(e.contains("same file"), "{e}");
     // A destination that fills up: the error names it and the offset.
-    let e = fails(&[src, "/dev/full"]);
-    assert!(
-        e.contains("/dev/full") && e.contains("offset") && e.contains("No space"),
-        "{e}"
-    );
+    let e = run(&[src, "/dev/full"])
+        .assert_clean_failure("/dev/full")
+        .to_string();
+    assert!(e.contains("offset") && e.contains("No space"), "{e}");
     // The source file is untouched by all of this.
     assert_eq!(std::fs::metadata(&f.src).unwrap().len(), SIZE);
+}
+
+/// Option values the argument parser rejects: status 2, a message naming
+/// the option, no panic. (That it is one `nbdcp: ` line is
+/// `bad_option_values_get_one_clear_line`, ignored until fixed.)
+#[test]
+fn bad_option_values_are_refused_with_status_2() {
+    let f = Fixture::new();
+    let src = s(&f.src);
+    let dst_path = f.path("dst.img");
+    let dst = s(&dst_path);
+    for (args, names, says) in [
+        (["-C", "0"], "--connections", "at least 1"),
+        (["--queue-size", "4Q"], "--queue-size", "suffix"),
+    ] {
+        let out = run(&[args[0], args[1], src, dst]);
+        assert_eq!((out.code, out.signal), (Some(2), None), "{}", out.stderr);
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+        assert!(
+            out.stderr.contains(names) && out.stderr.contains(says),
+            "{}",
+            out.stderr
+        );
+    }
+    assert!(!dst_path.exists());
+}
+
+/// Option values the argument parser rejects must get the same one
+/// clear line as every other usage error.
+#[test]
+fn bad_option_values_get_one_clear_line() {
+    let f = Fixture::new();
+    let src = s(&f.src);
+    let dst_path = f.path("dst.img");
+    let dst = s(&dst_path);
+    let e = run(&["-C", "0", src, dst])
+        .assert_failure(2, "--connections")
+        .to_string();
+    assert!(e.contains("at least 1"), "{e}");
+    let e = run(&["--queue-size", "4Q", src, dst])
+        .assert_failure(2, "--queue-size")
+        .to_string();
+    assert!(e.contains("suffix"), "{e}");
+    // Still nothing copied.
+    assert!(!dst_path.exists());
 }
 
 #[test]
@@ -334,19 +283,22 @@ fn permission_denied_is_reported() {
     let f = Fixture::new();
     let dst = f.path("dst.img");
     std::fs::write(&dst, b"").unwrap();
-    let as_nobody = |args: &[&str]| -> Output {
-        // Root ignores file permissions: run as an unprivileged user.
-        let mut cmd = if unsafe { libc_geteuid() } == 0 {
-            let mut c = Command::new("setpriv");
-            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
-            c.arg(nbdcp_bin());
-            c
+    let as_nobody = |args: &[&str]| {
+        // Root ignores file permissions: run as an unprivileged user
+        // (setpriv from util-linux is needed as root).
+        let run = Nbdcp::new(args);
+        if unsafe { libc_geteuid() } == 0 {
+            run.via(&[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+            ])
         } else {
-            Command::new(nbdcp_bin())
-        };
-        cmd.args(args)
-            .output()
-            .expect("run nbdcp (setpriv from util-linux is needed as root)")
+            run
+        }
+        .run()
     };
     std::fs::set_permissions(
         f.dir.path(),
@@ -354,20 +306,14 @@ fn permission_denied_is_reported() {
     )
     .unwrap();
     std::fs::set_permissions(&f.src, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let out = as_nobody(&[Fixture::s(&f.src), "null:"]);
-    let e = check_failure(&out, &"unreadable source");
-    assert!(
-        e.contains("Permission denied") && e.contains("src.img"),
-        "{e}"
-    );
+    let out = as_nobody(&[s(&f.src), "null:"]);
+    let e = out.assert_clean_failure(s(&f.src));
+    assert!(e.contains("Permission denied"), "{e}");
     std::fs::set_permissions(&f.src, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     std::fs::set_permissions(&dst, std::os::unix::fs::PermissionsExt::from_mode(0o444)).unwrap();
-    let out = as_nobody(&[Fixture::s(&f.src), Fixture::s(&dst)]);
-    let e = check_failure(&out, &"unwritable destination");
-    assert!(
-        e.contains("Permission denied") && e.contains("dst.img"),
-        "{e}"
-    );
+    let out = as_nobody(&[s(&f.src), s(&dst)]);
+    let e = out.assert_clean_failure(s(&dst));
+    assert!(e.contains("Permission denied"), "{e}");
 }
 
 unsafe extern "C" {
@@ -375,6 +321,8 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
+/// The one test that does not use the common runner: its stdout must be
+/// a terminal, which script(1) provides (and merges stderr into).
 #[test]
 fn refuses_to_write_to_a_terminal() {
     // script(1) gives the child a pseudo-terminal as stdout.

@@ -8,23 +8,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("nbdcp-nbd-copy-")
-        .tempdir()
-        .unwrap()
-}
 
 /// Bytes of the data segments of a [`mixed_image`] layout.
 fn data_bytes(segments: &[Segment]) -> u64 {
@@ -44,21 +33,6 @@ fn assert_sparse(out: &Path, data: u64) {
         "{} has {allocated} bytes allocated, but the source has only {data} bytes of data",
         out.display()
     );
-}
-
-/// A mixed image (data, allocated zeroes, holes) of `size` bytes in `dir`.
-fn mixed(dir: &Path, name: &str, size: u64, seed: u64) -> (PathBuf, Vec<Segment>) {
-    let path = dir.join(name);
-    let segments = mixed_image(&path, size, seed);
-    (path, segments)
-}
-
-/// A file of `size` random bytes that a destination starts with, so that
-/// holes of the source must actively be zeroed, not just skipped.
-fn garbage(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let path = dir.join(name);
-    random_file(&path, size, 0xBAD);
-    path
 }
 
 /// Expected bytes of `nbdkit data "1 2 3 @0x100000 9 @0x300000 1*4096" size=4M`.
@@ -83,7 +57,7 @@ fn nbdkit_memory_source_written_first() {
     let server = Server::nbdkit(&["memory", "8M"]);
     write_with_qemu_img(&src, &server.uri());
     let out = d.path().join("out.img");
-    nbdcp_ok(&[&server.uri(), s(&out)]);
+    run_ok(&[&server.uri(), s(&out)]);
     assert_same_content(&src, &out);
     assert_sparse(&out, data_bytes(&segs));
 }
@@ -95,7 +69,7 @@ fn nbdkit_pattern_source_odd_size() {
     let size = 8 * MIB + 1234;
     let server = Server::nbdkit(&["pattern", &size.to_string()]);
     let out = d.path().join("out.img");
-    nbdcp_ok(&["-C", "2", "-T", "2", &server.uri(), s(&out)]);
+    run_ok(&["-C", "2", "-T", "2", &server.uri(), s(&out)]);
     assert_file_is(&out, &pattern_bytes(size));
 }
 
@@ -105,7 +79,7 @@ fn nbdkit_data_source() {
     let d = tmp();
     let server = Server::nbdkit(&["data", "1 2 3 @0x100000 9 @0x300000 1*4096", "size=4M"]);
     let out = d.path().join("out.img");
-    nbdcp_ok(&[&server.uri(), s(&out)]);
+    run_ok(&[&server.uri(), s(&out)]);
     assert_file_is(&out, &data_plugin_expected());
     // Three 4 KiB blocks hold data; the rest must stay holes.
     assert_sparse(&out, 3 * 4096);
@@ -121,7 +95,7 @@ fn nbdkit_sparse_random_source() {
     let reference = d.path().join("reference.raw");
     read_back(&server.uri(), &reference, 64 * MIB);
     let out = d.path().join("out.img");
-    nbdcp_ok(&["-C", "2", "-T", "2", &server.uri(), s(&out)]);
+    run_ok(&["-C", "2", "-T", "2", &server.uri(), s(&out)]);
     assert_same_content(&reference, &out);
     let data = allocated_bytes(&reference);
     assert!(data > MIB, "sparse-random served almost nothing: {data}");
@@ -139,7 +113,7 @@ fn qemu_nbd_raw_source() {
     let (src, segs) = mixed(d.path(), "src.img", 16 * MIB, 12);
     let server = Server::qemu_nbd(&["-r", "-f", "raw", s(&src)]);
     let out = d.path().join("out.img");
-    nbdcp_ok(&["-C", "1", &server.uri(), s(&out)]);
+    run_ok(&["-C", "1", &server.uri(), s(&out)]);
     assert_same_content(&src, &out);
     assert_sparse(&out, data_bytes(&segs));
 }
@@ -162,7 +136,7 @@ fn qemu_nbd_qcow2_source_with_four_shared_connections() {
     );
     let server = Server::qemu_nbd(&["--shared=4", "-f", "qcow2", s(&qcow2)]);
     let out = d.path().join("out.img");
-    nbdcp_ok(&["-C", "4", "-T", "4", &server.uri(), s(&out)]);
+    run_ok(&["-C", "4", "-T", "4", &server.uri(), s(&out)]);
     assert_same_content(&src, &out);
     assert_sparse(&out, data_bytes(&segs));
 }
@@ -174,7 +148,7 @@ fn nbd_server_as_source() {
     let (src, segs) = mixed(d.path(), "src.img", 8 * MIB, 14);
     let server = Server::nbd_server(&src, true);
     let out = d.path().join("out.img");
-    nbdcp_ok(&["-C", "2", "-T", "2", &server.uri(), s(&out)]);
+    run_ok(&["-C", "2", "-T", "2", &server.uri(), s(&out)]);
     assert_same_content(&src, &out);
     assert_sparse(&out, data_bytes(&segs));
 }
@@ -186,7 +160,7 @@ fn nbd_server_as_destination() {
     let (src, _) = mixed(d.path(), "src.img", 8 * MIB, 15);
     let dst = garbage(d.path(), "dst.img", 8 * MIB);
     let server = Server::nbd_server(&dst, false);
-    nbdcp_ok(&["-C", "2", "-T", "2", s(&src), &server.uri()]);
+    run_ok(&["-C", "2", "-T", "2", s(&src), &server.uri()]);
     assert_same_content(&src, &dst);
 }
 
@@ -208,7 +182,7 @@ fn file_to_larger_nbdkit_memory_leaves_the_tail_alone() {
     let before = garbage(d.path(), "before.img", 8 * MIB);
     let server = Server::nbdkit(&["memory", "8M"]);
     write_with_qemu_img(&before, &server.uri());
-    nbdcp_ok(&[s(&src), &server.uri()]);
+    run_ok(&[s(&src), &server.uri()]);
     let back = d.path().join("back.raw");
     read_back(&server.uri(), &back, 8 * MIB);
     let mut expected = std::fs::read(&src).unwrap();
@@ -226,7 +200,7 @@ fn nbd_to_nbd_over_unix_sockets() {
     let dest = Server::nbdkit(&["memory", "16M"]);
     // Garbage first, so that the source's holes must be zeroed.
     write_with_qemu_img(&garbage(d.path(), "g.img", 16 * MIB), &dest.uri());
-    nbdcp_ok(&["-C", "2", "-T", "2", &source.uri(), &dest.uri()]);
+    run_ok(&["-C", "2", "-T", "2", &source.uri(), &dest.uri()]);
     let back = d.path().join("back.raw");
     read_back(&dest.uri(), &back, 16 * MIB);
     assert_same_content(&src, &back);
@@ -243,7 +217,7 @@ fn nbd_to_nbd_over_tcp_loopback() {
     let dest = Server::qemu_nbd_tcp(&["--shared=2", "-f", "raw", s(&dst)]);
     assert!(source.uri().starts_with("nbd://127.0.0.1:"));
     assert!(dest.uri().starts_with("nbd://127.0.0.1:"));
-    nbdcp_ok(&["-C", "2", "-T", "2", &source.uri(), &dest.uri()]);
+    run_ok(&["-C", "2", "-T", "2", &source.uri(), &dest.uri()]);
     assert_file_is(&dst, &pattern_bytes(size));
 }
 
@@ -252,7 +226,7 @@ fn nbd_to_null_reads_everything() {
     require("nbdkit");
     let size = 8 * MIB + 100;
     let source = Server::nbdkit_logged(&["pattern", &size.to_string()]);
-    nbdcp_ok(&["-C", "2", "-T", "2", &source.uri(), "null:"]);
+    run_ok(&["-C", "2", "-T", "2", &source.uri(), "null:"]);
     let log = source.wait_log_idle();
     let reads = requests_of(&log, LogCommand::Read);
     assert!(
@@ -269,8 +243,8 @@ fn nbd_to_stdout() {
     let d = tmp();
     let (src, _) = mixed(d.path(), "src.img", 8 * MIB, 18);
     let server = Server::qemu_nbd(&["-r", "-f", "raw", s(&src)]);
-    let out = run_nbdcp(&["-C", "1", &server.uri(), "-"], None);
-    assert_success(&out, &[&server.uri(), "-"]);
+    let out = run(&["-C", "1", &server.uri(), "-"]);
+    out.assert_ok();
     let piped = d.path().join("piped.img");
     write_file(&piped, &out.stdout);
     assert_same_content(&src, &piped);
@@ -281,8 +255,8 @@ fn nbdkit_pattern_to_stdout() {
     require("nbdkit");
     let size = 4 * MIB + 77;
     let server = Server::nbdkit(&["pattern", &size.to_string()]);
-    let out = run_nbdcp(&[&server.uri(), "-"], None);
-    assert_success(&out, &[&server.uri(), "-"]);
+    let out = run(&[&server.uri(), "-"]);
+    out.assert_ok();
     assert_eq!(out.stdout.len() as u64, size);
     assert!(
         out.stdout == pattern_bytes(size),
@@ -299,8 +273,8 @@ fn stdin_to_nbd() {
     let dst = garbage(d.path(), "dst.img", size);
     let server = Server::qemu_nbd(&["-f", "raw", s(&dst)]);
     let bytes = std::fs::read(&src).unwrap();
-    let out = run_nbdcp(&["-", &server.uri()], Some(&bytes));
-    assert_success(&out, &["-", &server.uri()]);
+    let out = Nbdcp::new(&["-", &server.uri()]).stdin(&bytes).run();
+    out.assert_ok();
     assert_same_content(&src, &dst);
 }
 
@@ -313,8 +287,8 @@ fn stdin_to_nbdkit_memory_read_back() {
     let bytes = pattern_bytes(size);
     let server = Server::nbdkit(&["memory", "4M"]);
     write_with_qemu_img(&garbage(d.path(), "g.img", size), &server.uri());
-    let out = run_nbdcp(&["-", &server.uri()], Some(&bytes));
-    assert_success(&out, &["-", &server.uri()]);
+    let out = Nbdcp::new(&["-", &server.uri()]).stdin(&bytes).run();
+    out.assert_ok();
     let back = d.path().join("back.raw");
     read_back(&server.uri(), &back, size);
     assert_file_is(&back, &bytes);
@@ -330,7 +304,7 @@ fn subprocess_qemu_nbd_source() {
     let d = tmp();
     let (src, segs) = mixed(d.path(), "src.img", 8 * MIB, 20);
     let out = d.path().join("out.img");
-    nbdcp_ok(&["--", "[", "qemu-nbd", "-f", "raw", s(&src), "]", s(&out)]);
+    run_ok(&["--", "[", "qemu-nbd", "-f", "raw", s(&src), "]", s(&out)]);
     assert_same_content(&src, &out);
     assert_sparse(&out, data_bytes(&segs));
     assert_no_process_mentions(&src);
@@ -342,7 +316,7 @@ fn subprocess_nbdkit_pattern_source_with_four_connections() {
     let d = tmp();
     let pidfile = d.path().join("nbdkit.pid");
     let out = d.path().join("out.img");
-    nbdcp_ok(&[
+    run_ok(&[
         "-C",
         "4",
         "-T",
@@ -367,26 +341,23 @@ fn subprocess_nbdkit_memory_destination() {
     let d = tmp();
     let (src, _) = mixed(d.path(), "src.img", 8 * MIB, 21);
     let pidfile = d.path().join("nbdkit.pid");
-    let out = run_nbdcp(
-        &[
-            "-v",
-            "--",
-            s(&src),
-            "[",
-            "nbdkit",
-            "-P",
-            s(&pidfile),
-            "memory",
-            "32M",
-            "]",
-        ],
-        None,
-    );
-    assert_success(&out, &["[ nbdkit memory 32M ]"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = run(&[
+        "-v",
+        "--",
+        s(&src),
+        "[",
+        "nbdkit",
+        "-P",
+        s(&pidfile),
+        "memory",
+        "32M",
+        "]",
+    ]);
+    out.assert_ok();
     assert!(
-        stderr.contains("copied 8.0 MiB"),
-        "-v should report the whole copy: {stderr}"
+        out.stderr.contains("copied 8.0 MiB"),
+        "-v should report the whole copy: {}",
+        out.stderr
     );
     assert_no_process_mentions(&pidfile);
 }
@@ -397,7 +368,7 @@ fn subprocess_qemu_nbd_destination() {
     let d = tmp();
     let (src, _) = mixed(d.path(), "src.img", 8 * MIB, 22);
     let dst = garbage(d.path(), "dst.img", 8 * MIB);
-    nbdcp_ok(&["--", s(&src), "[", "qemu-nbd", "-f", "raw", s(&dst), "]"]);
+    run_ok(&["--", s(&src), "[", "qemu-nbd", "-f", "raw", s(&dst), "]"]);
     assert_same_content(&src, &dst);
     assert_no_process_mentions(&dst);
 }
@@ -415,7 +386,7 @@ fn subprocess_on_both_sides() {
         .unwrap();
     assert!(conv.status.success(), "{conv:?}");
     let dst = garbage(d.path(), "dst.img", 8 * MIB);
-    nbdcp_ok(&[
+    run_ok(&[
         "--",
         "[",
         "qemu-nbd",
@@ -477,8 +448,8 @@ fn option_matrix_gives_identical_bytes() {
         let (su, du) = (source.uri(), dest.uri());
         args.push(&su);
         args.push(&du);
-        let out = run_nbdcp(&args, None);
-        assert_success(&out, &args);
+        let out = run(&args);
+        out.assert_ok();
         if std::fs::read(&dst).unwrap() != expected {
             let at = first_difference(&src, &dst);
             panic!("nbdcp {args:?}: destination differs from the source at offset {at:?}");
@@ -548,7 +519,7 @@ fn blocksize_filter_on_the_source() {
         "maxdata=65536",
     ]);
     let out = d.path().join("out.img");
-    nbdcp_ok(&["--request-size", "1M", &source.uri(), s(&out)]);
+    run_ok(&["--request-size", "1M", &source.uri(), s(&out)]);
     assert_file_is(&out, &pattern_bytes(8 * MIB));
     let log = source.wait_log_idle();
     let (min, max) = advertised_limits(&log);
@@ -570,7 +541,7 @@ fn blocksize_filter_on_the_destination() {
     ]);
     write_with_qemu_img(&garbage(d.path(), "g.img", 8 * MIB), &dest.uri());
     let before = dest.wait_log_idle().len();
-    nbdcp_ok(&["--request-size", "1M", s(&src), &dest.uri()]);
+    run_ok(&["--request-size", "1M", s(&src), &dest.uri()]);
     let log = dest.wait_log_idle();
     let (min, max) = advertised_limits(&log);
     assert_requests_within(&log[before..], min, max, 8 * MIB);
@@ -598,7 +569,7 @@ fn blocksize_policy_limits_are_honoured_on_both_sides() {
     dargs.extend(policy);
     let source = Server::nbdkit_logged(&sargs);
     let dest = Server::nbdkit_logged(&dargs);
-    nbdcp_ok(&[
+    run_ok(&[
         "--request-size",
         "1M",
         "-C",
@@ -644,7 +615,7 @@ fn unaligned_source_tail_to_destination_with_minimum_block_size() {
         "blocksize-maximum=65536",
         "blocksize-error-policy=error",
     ]);
-    let out = run_nbdcp(&[s(&src), &dest.uri()], None);
+    let out = run(&[s(&src), &dest.uri()]);
     let log = dest.wait_log_idle();
     let bad: Vec<_> = log
         .iter()
@@ -655,9 +626,10 @@ fn unaligned_source_tail_to_destination_with_minimum_block_size() {
         bad.is_empty(),
         "nbdcp sent requests that break the advertised minimum block size 4096: {bad:?}; \
          nbdcp said: {}",
-        String::from_utf8_lossy(&out.stderr)
+        out.stderr
     );
-    if out.status.success() {
+    if out.code == Some(0) {
+        out.assert_ok();
         let back = d.path().join("back.raw");
         read_back(&dest.uri(), &back, 8 * MIB + 4096);
         let got = std::fs::read(&back).unwrap();
@@ -666,10 +638,11 @@ fn unaligned_source_tail_to_destination_with_minimum_block_size() {
             "the copy is wrong"
         );
     } else {
+        out.assert_clean_failure(&dest.uri());
         assert!(
             modifying_requests(&log).is_empty(),
             "nbdcp failed after writing part of the copy: {}",
-            String::from_utf8_lossy(&out.stderr)
+            out.stderr
         );
     }
 }
@@ -684,7 +657,7 @@ fn nozero_destination_gets_zeroes_as_writes() {
     let dest = Server::nbdkit_logged(&["--filter=nozero", "memory", "8M"]);
     write_with_qemu_img(&garbage(d.path(), "g.img", size), &dest.uri());
     let before = dest.wait_log_idle().len();
-    nbdcp_ok(&[s(&src), &dest.uri()]);
+    run_ok(&[s(&src), &dest.uri()]);
     let log = dest.wait_log_idle();
     let log = &log[before..];
     assert!(
@@ -714,7 +687,7 @@ fn noextents_source_is_read_completely() {
     write_with_qemu_img(&src, &source.uri());
     let before = source.wait_log_idle().len();
     let out = d.path().join("out.img");
-    nbdcp_ok(&[&source.uri(), s(&out)]);
+    run_ok(&[&source.uri(), s(&out)]);
     let log = source.wait_log_idle();
     let log = &log[before..];
     assert!(requests_of(log, LogCommand::Extents).is_empty());
@@ -733,11 +706,8 @@ fn destination_smaller_than_source_fails_before_writing() {
     require("nbdkit");
     let source = Server::nbdkit(&["pattern", "4M"]);
     let dest = Server::nbdkit_logged(&["memory", "1M"]);
-    let err = nbdcp_fails(&[&source.uri(), &dest.uri()], 1);
-    assert!(
-        err.contains(&dest.uri()),
-        "message should name the destination: {err}"
-    );
+    let done = run(&[&source.uri(), &dest.uri()]);
+    let err = done.assert_clean_failure(&dest.uri());
     assert!(err.contains("small"), "{err}");
     let log = dest.wait_log_idle();
     assert!(
@@ -751,8 +721,8 @@ fn read_only_nbdkit_destination_fails_before_writing() {
     require("nbdkit");
     let source = Server::nbdkit(&["pattern", "1M"]);
     let dest = Server::nbdkit_logged(&["-r", "memory", "1M"]);
-    let err = nbdcp_fails(&[&source.uri(), &dest.uri()], 1);
-    assert!(err.contains(&dest.uri()), "{err}");
+    let done = run(&[&source.uri(), &dest.uri()]);
+    let err = done.assert_clean_failure(&dest.uri());
     assert!(err.contains("read-only"), "{err}");
     let log = dest.wait_log_idle();
     assert!(modifying_requests(&log).is_empty());
@@ -767,11 +737,9 @@ fn read_only_qemu_nbd_destination_fails_and_keeps_the_file() {
     let copy = d.path().join("dst.copy");
     std::fs::copy(&dst, &copy).unwrap();
     let dest = Server::qemu_nbd(&["-r", "-f", "raw", s(&dst)]);
-    let err = nbdcp_fails(&[s(&src), &dest.uri()], 1);
-    assert!(
-        err.contains(&dest.uri()) && err.contains("read-only"),
-        "{err}"
-    );
+    let done = run(&[s(&src), &dest.uri()]);
+    let err = done.assert_clean_failure(&dest.uri());
+    assert!(err.contains("read-only"), "{err}");
     assert_same_content(&copy, &dst);
 }
 
@@ -787,15 +755,15 @@ fn unknown_export_name_is_named() {
         server.socket_path().display()
     );
     let out = d.path().join("out.img");
-    let err = nbdcp_fails(&[&uri, s(&out)], 1);
-    assert!(err.contains(&uri), "{err}");
+    let done = run(&[&uri, s(&out)]);
+    let err = done.assert_clean_failure(&uri);
     assert!(err.contains("'wrong'") && err.contains("export"), "{err}");
     // The right name works.
     let good = format!(
         "nbd+unix:///right?socket={}",
         server.socket_path().display()
     );
-    nbdcp_ok(&[&good, s(&out)]);
+    run_ok(&[&good, s(&out)]);
     assert_same_content(&img, &out);
 }
 
@@ -807,15 +775,11 @@ fn tls_uris_are_refused_clearly() {
         "nbds://127.0.0.1:10809/x",
         "nbds+unix:///?socket=/nonexistent.sock",
     ] {
-        let out = run_nbdcp(&[uri, s(&out)], None);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            matches!(out.status.code(), Some(1 | 2)),
-            "{uri}: {}",
-            out.status
-        );
+        // Status 1 (unsupported), though the message calls it a bad URI.
+        let done = run(&[uri, s(&out)]);
+        let err = done.assert_clean_failure(uri);
+        assert!(err.starts_with(&format!("nbdcp: {uri}: ")), "{err}");
         assert!(err.contains("TLS"), "{uri}: {err}");
-        assert!(err.contains(uri), "{uri}: {err}");
     }
     assert!(!out.exists());
 }
@@ -832,14 +796,8 @@ fn bad_uris_are_usage_errors() {
         ("nbd://127.0.0.1:0/", "port"),
     ] {
         for args in [[uri, s(&out)], [s(&src), uri]] {
-            let run = run_nbdcp(&args, None);
-            let err = String::from_utf8_lossy(&run.stderr);
-            assert!(
-                matches!(run.status.code(), Some(1 | 2)),
-                "{args:?}: {}; {err}",
-                run.status
-            );
-            assert!(!err.contains("panicked"), "{err}");
+            let done = run(&args);
+            let err = done.assert_failure(2, uri);
             assert!(
                 err.starts_with(&format!("nbdcp: {uri}: ")) && err.contains(words),
                 "{args:?}: {err}"
@@ -867,10 +825,12 @@ fn connection_refused_names_the_endpoint() {
     sparse_file(&src, MIB);
     let out = d.path().join("out.img");
     for uri in [&missing, &dead, &tcp] {
-        let err = nbdcp_fails(&[uri, s(&out)], 1);
-        assert!(err.contains(&format!("nbdcp: {uri}: connect")), "{err}");
-        let err = nbdcp_fails(&[s(&src), uri], 1);
-        assert!(err.contains(&format!("nbdcp: {uri}: connect")), "{err}");
+        let done = run(&[uri, s(&out)]);
+        let err = done.assert_clean_failure(uri);
+        assert!(err.starts_with(&format!("nbdcp: {uri}: connect")), "{err}");
+        let done = run(&[s(&src), uri]);
+        let err = done.assert_clean_failure(uri);
+        assert!(err.starts_with(&format!("nbdcp: {uri}: connect")), "{err}");
     }
 }
 
@@ -880,33 +840,25 @@ fn missing_server_command_is_clear_and_leaves_nothing() {
     let d = tmp();
     let (src, _) = mixed(d.path(), "src.img", MIB, 30);
     let out = d.path().join("out.img");
-    let run = run_nbdcp(&["--", "[", "no-such-nbd-server", "]", s(&out)], None);
-    let err = String::from_utf8_lossy(&run.stderr);
-    assert!(matches!(run.status.code(), Some(1 | 2)), "{}", run.status);
-    assert!(
-        err.contains("no-such-nbd-server") && err.contains("not found"),
-        "{err}"
-    );
+    // Status 2: the command line names a server that is not there.
+    let done = run(&["--", "[", "no-such-nbd-server", "]", s(&out)]);
+    let err = done.assert_failure(2, "[ no-such-nbd-server ]");
+    assert!(err.contains("not found"), "{err}");
     // The source server is started before the destination fails: it must
     // be stopped.
-    let run = run_nbdcp(
-        &[
-            "--",
-            "[",
-            "qemu-nbd",
-            "-f",
-            "raw",
-            s(&src),
-            "]",
-            "[",
-            "no-such-nbd-server",
-            "]",
-        ],
-        None,
-    );
-    let err = String::from_utf8_lossy(&run.stderr);
-    assert!(matches!(run.status.code(), Some(1 | 2)), "{}", run.status);
-    assert!(err.contains("no-such-nbd-server"), "{err}");
+    let done = run(&[
+        "--",
+        "[",
+        "qemu-nbd",
+        "-f",
+        "raw",
+        s(&src),
+        "]",
+        "[",
+        "no-such-nbd-server",
+        "]",
+    ]);
+    done.assert_failure(2, "[ no-such-nbd-server ]");
     assert_no_process_mentions(&src);
 }
 
@@ -922,13 +874,13 @@ fn source_read_error_names_endpoint_operation_and_offset() {
         "error-pread-rate=1",
     ]);
     let out = d.path().join("out.img");
-    let err = nbdcp_fails(&[&source.uri(), s(&out)], 1);
+    let done = run(&[&source.uri(), s(&out)]);
+    let err = done.assert_clean_failure(&source.uri());
     let prefix = format!("nbdcp: {}: read at offset ", source.uri());
     assert!(
         err.starts_with(&prefix) && err.contains(" length "),
         "{err}"
     );
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
 }
 
 /// A write left unanswered by the batch that sent it (`Client::send_writes`
@@ -947,6 +899,9 @@ fn last_unanswered_write_failing_fails_the_copy() {
         s(&src),
         "[",
         "nbdkit",
+        // The spawned nbdkit shares stderr: it must not log the
+        // injected error there, so that nbdcp's one line is all.
+        "--log=null",
         "--filter=error",
         "memory",
         "32K",
@@ -954,12 +909,10 @@ fn last_unanswered_write_failing_fails_the_copy() {
         "error-pwrite-rate=1",
         "]",
     ];
-    // The spawned nbdkit shares stderr and logs the injected error too.
-    let err = nbdcp_fails(&args, 1);
-    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("nbdcp:")).collect();
-    assert_eq!(ours.len(), 1, "one line from nbdcp: {err}");
+    let done = run(&args);
+    let err = done.assert_clean_failure("[ nbdkit --log=null ");
     assert!(
-        ours[0].ends_with(": write at offset 0 length 32768: No space left on device"),
+        err.ends_with(": write at offset 0 length 32768: No space left on device"),
         "{err}"
     );
 }
@@ -982,13 +935,13 @@ fn destination_write_error_names_endpoint_operation_and_offset() {
         "error-pwrite-rate=1",
     ];
     for dest in [Server::nbdkit(&args), Server::nbdkit_tcp(&args)] {
-        let err = nbdcp_fails(&[s(&src), &dest.uri()], 1);
+        let done = run(&[s(&src), &dest.uri()]);
+        let err = done.assert_clean_failure(&dest.uri());
         let prefix = format!("nbdcp: {}: write at offset ", dest.uri());
         assert!(
             err.starts_with(&prefix) && err.contains(" length "),
             "{err}"
         );
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     }
 }
 
@@ -1000,10 +953,8 @@ fn timeout_fails_a_stuck_request() {
     let out = d.path().join("out.img");
     let started = std::time::Instant::now();
     // --retries 0: each retry would wait for the timeout again.
-    let err = nbdcp_fails(
-        &["--timeout", "1", "--retries", "0", &source.uri(), s(&out)],
-        1,
-    );
+    let done = run(&["--timeout", "1", "--retries", "0", &source.uri(), s(&out)]);
+    let err = done.assert_clean_failure(&source.uri());
     assert!(
         started.elapsed() < std::time::Duration::from_secs(10),
         "--timeout 1 took {:?}",
@@ -1028,15 +979,13 @@ fn qemu_nbd_single_client_with_four_connections() {
     let d = tmp();
     let (src, _) = mixed(d.path(), "src.img", 8 * MIB, 32);
     let copy_alone = |args: [&str; 6]| {
-        let started = std::time::Instant::now();
-        let run = run_with_deadline(
-            nbdcp().env("RUST_LOG", "info").args(args),
-            None,
-            std::time::Duration::from_secs(20),
-        );
-        let took = started.elapsed();
-        assert_success(&run, &args);
-        let log = String::from_utf8_lossy(&run.stderr);
+        let run = Nbdcp::new(&args)
+            .env("RUST_LOG", "info")
+            .deadline(std::time::Duration::from_secs(20))
+            .run();
+        let took = run.elapsed;
+        run.assert_ok();
+        let log = &run.stderr;
         assert!(
             log.contains("using 1 connection(s) instead of 4"),
             "expected a fallback to one connection: {log}"
@@ -1060,49 +1009,44 @@ fn qemu_nbd_single_client_with_four_connections() {
 
 /// SIGTERM while every worker waits on an external server that does not
 /// answer (no --timeout): nbdcp must still stop promptly with status 143,
-/// as the README promises, not only when the server finally answers.
-#[test]
-fn sigterm_stops_a_copy_stuck_on_an_external_server() {
-    use std::time::{Duration, Instant};
+/// as the README promises, not only when the server finally answers; and
+/// (with `strict`) say so in one line.
+///
+/// KNOWN PRODUCT BUG: nbdcp exits with 143 but prints nothing when the
+/// copy does not stop within the grace period (`exit_now` in
+/// src/signals.rs), so the strict form is the ignored test.
+fn sigterm_stuck_on_an_external_server(strict: bool) {
+    use std::time::Duration;
     require("nbdkit");
     let d = tmp();
     let source = Server::nbdkit_logged(&["--filter=delay", "pattern", "1M", "delay-read=30"]);
     let out = d.path().join("out.img");
-    let stderr_path = d.path().join("stderr.txt");
-    let mut child = nbdcp()
-        .args([&source.uri(), s(&out)])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut run = Nbdcp::new(&[&source.uri(), s(&out)]).spawn();
     // Wait until a read has reached the server (bounded poll, no fixed
     // sleep), so nbdcp is blocked in the middle of the copy.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while requests_of(&source.log_entries(), LogCommand::Read).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "nbdcp never read from the source"
-        );
-        assert!(child.try_wait().unwrap().is_none(), "nbdcp ended early");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let signalled = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if signalled.elapsed() > Duration::from_secs(5) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-    let status = status.unwrap_or_else(|| {
-        panic!("nbdcp still running 5 s after SIGTERM (blocked on the server); stderr: {stderr}")
+    wait_until("a read from the source", Duration::from_secs(20), || {
+        assert!(run.is_running(), "nbdcp ended early");
+        !requests_of(&source.log_entries(), LogCommand::Read).is_empty()
     });
-    assert_eq!(status.code(), Some(143), "stderr: {stderr}");
+    run.signal(libc::SIGTERM);
+    // Killed, and the test failed, if still running 5 s after SIGTERM
+    // (blocked on the server).
+    let limit = run.elapsed() + Duration::from_secs(5);
+    let done = run.wait(limit);
+    assert_eq!(done.code, Some(143), "stderr: {}", done.stderr);
+    assert!(!done.stderr.contains("panicked"), "{}", done.stderr);
+    if strict {
+        let line = done.assert_failure(143, "interrupted");
+        assert_eq!(line, "nbdcp: interrupted by signal 15");
+    }
+}
+
+#[test]
+fn sigterm_stops_a_copy_stuck_on_an_external_server() {
+    sigterm_stuck_on_an_external_server(false);
+}
+
+#[test]
+fn sigterm_stuck_on_an_external_server_says_so() {
+    sigterm_stuck_on_an_external_server(true);
 }

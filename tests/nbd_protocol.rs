@@ -15,17 +15,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("nbdcp-nbd-protocol-")
-        .tempdir()
-        .unwrap()
-}
-
 /// Connections of `log` that sent at least one request.
 fn active_connections(log: &[LogEntry]) -> Vec<u64> {
     let mut conns: Vec<u64> = log
@@ -123,7 +112,7 @@ fn holes_become_zero_requests() {
         let dest = Server::nbdkit_logged(&["memory", "16M"]);
         write_with_qemu_img(&src_garbage(d.path()), &dest.uri());
         let before = dest.wait_log_idle().len();
-        nbdcp_ok(&["-C", "1", &source, &dest.uri()]);
+        run_ok(&["-C", "1", &source, &dest.uri()]);
         let log = dest.wait_log_idle();
         let log = &log[before..];
         assert_destination_log(log, true);
@@ -157,7 +146,7 @@ fn holes_become_zero_requests() {
 fn src_garbage(dir: &Path) -> std::path::PathBuf {
     let p = dir.join("garbage.img");
     if !p.exists() {
-        random_file(&p, 16 * MIB, 0xBAD);
+        garbage(dir, "garbage.img", 16 * MIB);
     }
     p
 }
@@ -172,7 +161,7 @@ fn allocated_and_destination_is_zero_change_the_zero_requests() {
     big_hole_image(&src);
 
     let dest = Server::nbdkit_logged(&["memory", "16M"]);
-    nbdcp_ok(&["--allocated", s(&src), &dest.uri()]);
+    run_ok(&["--allocated", s(&src), &dest.uri()]);
     let log = dest.wait_log_idle();
     assert_destination_log(&log, true);
     let zeroes = requests_of(&log, LogCommand::Zero);
@@ -183,7 +172,7 @@ fn allocated_and_destination_is_zero_change_the_zero_requests() {
     );
 
     let dest = Server::nbdkit_logged(&["memory", "16M"]);
-    nbdcp_ok(&["--destination-is-zero", s(&src), &dest.uri()]);
+    run_ok(&["--destination-is-zero", s(&src), &dest.uri()]);
     let log = dest.wait_log_idle();
     assert_destination_log(&log, true);
     assert!(requests_of(&log, LogCommand::Zero).is_empty());
@@ -212,7 +201,7 @@ fn destination_is_never_read_and_flushed_last_on_each_connection() {
         let uri = dest.uri();
         args.push(s(&src));
         args.push(&uri);
-        nbdcp_ok(&args);
+        run_ok(&args);
         let log = dest.wait_log_idle();
         assert_destination_log(&log, flush);
         assert!(
@@ -263,7 +252,7 @@ fn four_connections_write_to_a_server_without_multi_conn() {
         "the destination must not advertise multi-conn for this test"
     );
     assert_ne!(info.flags & NBD_FLAG_SEND_FLUSH, 0);
-    nbdcp_ok(&["-C", "4", "-T", "4", &source.uri(), &dest.uri()]);
+    run_ok(&["-C", "4", "-T", "4", &source.uri(), &dest.uri()]);
 
     let log = dest.wait_log_idle();
     assert_destination_log(&log, true);
@@ -350,7 +339,7 @@ fn source_block_status_unless_no_extents() {
         let uri = source.uri();
         args.push(&uri);
         args.push(s(&out));
-        nbdcp_ok(&args);
+        run_ok(&args);
         let all = source.wait_log_idle();
         let log = &all[before..];
         before = all.len();
@@ -393,7 +382,7 @@ fn requests_in_flight_are_bounded() {
         let (su, du) = (source.uri(), dest.uri());
         args.push(&su);
         args.push(&du);
-        nbdcp_ok(&args);
+        run_ok(&args);
         let slog = source.wait_log_idle();
         let dlog = dest.wait_log_idle();
         assert_destination_log(&dlog, true);
@@ -432,7 +421,7 @@ fn request_size_bounds_source_reads() {
     require("nbdkit");
     for (flag, size) in [("64K", 64 * 1024u64), ("1M", MIB)] {
         let source = Server::nbdkit_logged(&["pattern", "8M"]);
-        nbdcp_ok(&["--request-size", flag, &source.uri(), "null:"]);
+        run_ok(&["--request-size", flag, &source.uri(), "null:"]);
         let log = source.wait_log_idle();
         let reads = requests_of(&log, LogCommand::Read);
         assert!(covers(&reads, 0, 8 * MIB));
@@ -456,7 +445,7 @@ fn default_request_size_depends_on_the_transport() {
     let unix = Server::nbdkit_logged(&["pattern", "8M"]);
     let tcp = Server::nbdkit_tcp_logged(&["pattern", "8M"]);
     for (server, size) in [(unix, MIB), (tcp, 256 * 1024)] {
-        nbdcp_ok(&[&server.uri(), "null:"]);
+        run_ok(&[&server.uri(), "null:"]);
         let log = server.wait_log_idle();
         let reads = requests_of(&log, LogCommand::Read);
         assert!(covers(&reads, 0, 8 * MIB));

@@ -587,7 +587,7 @@ fn extra_connection_wait(first_handshake: Duration) -> Duration {
 mod tests {
     use super::*;
     use crate::endpoint::Payload;
-    use nbd::testkit::FakeServer;
+    use nbd::testkit::Server;
 
     #[test]
     fn extra_connection_wait_scales_with_the_first_handshake() {
@@ -601,7 +601,7 @@ mod tests {
         );
     }
 
-    fn endpoint(server: &FakeServer, writable: bool) -> Result<NbdEndpoint> {
+    fn endpoint(server: &Server, writable: bool) -> Result<NbdEndpoint> {
         let opts = OpenOptions {
             timeout: Some(Duration::from_secs(10)),
             ..OpenOptions::default()
@@ -611,7 +611,7 @@ mod tests {
 
     #[test]
     fn read_write_zero_flush_extents() {
-        let server = FakeServer::start(1 << 20, |_| {});
+        let server = Server::memory(1 << 20, |_| {});
         let mut ep = endpoint(&server, true).unwrap();
         assert_eq!(ep.size(), Some(1 << 20));
         let caps = ep.capabilities();
@@ -639,7 +639,7 @@ mod tests {
 
     #[test]
     fn batches() {
-        let server = FakeServer::start(1 << 20, |_| {});
+        let server = Server::memory(1 << 20, |_| {});
         let mut ep = endpoint(&server, true).unwrap();
         let a = vec![1u8; 4096];
         let b = vec![2u8; 8192];
@@ -679,7 +679,7 @@ mod tests {
 
     #[test]
     fn read_only_destination_is_refused() {
-        let server = FakeServer::start(4096, |c| c.read_only = true);
+        let server = Server::memory(4096, |c| c.read_only = true);
         let e = endpoint(&server, true).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         assert!(e.to_string().contains("read-only"), "{e}");
@@ -692,7 +692,7 @@ mod tests {
 
     #[test]
     fn zero_without_write_zeroes_writes_zero_buffers() {
-        let server = FakeServer::start(16 << 20, |c| c.write_zeroes = false);
+        let server = Server::memory(16 << 20, |c| c.write_zeroes = false);
         let mut ep = endpoint(&server, true).unwrap();
         assert!(!ep.client().can_zero());
         ep.write_at(&vec![7u8; 1 << 20], 0).unwrap();
@@ -705,7 +705,7 @@ mod tests {
 
     #[test]
     fn no_block_status_means_one_data_extent() {
-        let server = FakeServer::start(8192, |c| c.structured = false);
+        let server = Server::memory(8192, |c| c.structured = false);
         let mut ep = endpoint(&server, false).unwrap();
         assert!(!ep.capabilities().extents);
         let ext = ep.extents(0, 8192).unwrap();
@@ -721,7 +721,7 @@ mod tests {
 
     #[test]
     fn block_status_failure_is_not_fatal() {
-        let server = FakeServer::start(8192, |c| c.fail_block_status = true);
+        let server = Server::memory(8192, |c| c.fail_block_status = true);
         let mut ep = endpoint(&server, false).unwrap();
         assert!(ep.capabilities().extents);
         for _ in 0..2 {
@@ -736,7 +736,7 @@ mod tests {
 
     #[test]
     fn server_errors_name_endpoint_operation_and_place() {
-        let server = FakeServer::start(1 << 20, |c| c.fail_at = Some(65536));
+        let server = Server::memory(1 << 20, |c| c.fail_at = Some(65536));
         let mut ep = endpoint(&server, true).unwrap();
         let mut b = vec![0u8; 4096];
         let e = ep.read_at(&mut b, 65536).unwrap_err();
@@ -755,7 +755,7 @@ mod tests {
 
     #[test]
     fn connect_another_refused_is_none() {
-        let server = FakeServer::start(4096, |c| c.max_connections = 1);
+        let server = Server::memory(4096, |c| c.max_connections = 1);
         let ep = endpoint(&server, false).unwrap();
         assert!(ep.connect_another().unwrap().is_none());
     }
@@ -785,27 +785,20 @@ mod tests {
         dir: &std::path::Path,
         writes: usize,
     ) -> (NbdUri, std::thread::JoinHandle<()>) {
-        use nbd::testkit::Peer;
+        use nbd::testkit::{Export, Peer};
         use nbd::wire::*;
-        use std::io::{Read, Write};
         let path = dir.join("s.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let t = std::thread::spawn(move || {
             let (s, _) = listener.accept().unwrap();
-            let mut p = Peer(s);
+            let mut p = Peer::new(s);
             let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH;
-            p.serve_go("", 1 << 20, flags, None);
+            p.serve_go(&Export::new(1 << 20).flags(flags).no_extents())
+                .unwrap();
             for _ in 0..writes {
-                let mut h = [0u8; REQUEST_HEADER_LEN];
-                p.0.read_exact(&mut h).unwrap();
-                let r = Request::decode(&h).unwrap();
-                let mut data = vec![0u8; r.length as usize];
-                p.0.read_exact(&mut data).unwrap();
-                let reply = SimpleReply {
-                    error: 0,
-                    cookie: r.cookie,
-                };
-                p.0.write_all(&reply.encode()).unwrap();
+                let (r, _) = p.request().unwrap().expect("a write");
+                assert_eq!(r.command, NBD_CMD_WRITE);
+                p.simple_reply(r.cookie, 0, &[]).unwrap();
             }
         });
         (NbdUri::unix(&path, ""), t)

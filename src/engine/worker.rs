@@ -151,23 +151,27 @@ impl Shared {
         &self,
         source: &mut dyn Endpoint,
         segment: Segment,
-    ) -> Vec<crate::endpoint::Extent> {
+    ) -> Result<Vec<crate::endpoint::Extent>> {
         let raw = if self.use_extents {
             match extents::describe(source, segment) {
                 Ok(e) => e,
-                Err(err) => {
-                    // Allocation information only saves work; losing it
-                    // must not lose the copy.
+                // Allocation information only saves work: a source that
+                // cannot give it must not lose the copy. A broken
+                // connection or a protocol violation is another matter:
+                // the reads that follow would fail on it too, so it fails
+                // (or retries) the segment now, as one error.
+                Err(err) if matches!(err.kind(), ErrorKind::Server | ErrorKind::Unsupported) => {
                     if !self.warned_extents.swap(true, Ordering::Relaxed) {
                         log::warn!("{err}; copying the rest as data");
                     }
                     extents::all_data(segment)
                 }
+                Err(err) => return Err(err),
             }
         } else {
             extents::all_data(segment)
         };
-        extents::align_zeroes(&raw, self.zero_align)
+        Ok(extents::align_zeroes(&raw, self.zero_align))
     }
 
     /// Sleep before retry `attempt` (1-based), waking early on cancel.
@@ -345,7 +349,9 @@ fn copy_segment(
     ring: &mut [Batch; 2],
     done: &AtomicU64,
 ) -> Result<(), Failure> {
-    let extents = shared.extents_of(source, segment);
+    let extents = shared
+        .extents_of(source, segment)
+        .map_err(on(Side::Source))?;
     let data: u64 = extents
         .iter()
         .filter(|e| e.kind == crate::endpoint::ExtentKind::Data)

@@ -1,128 +1,15 @@
-//! More harness pieces for the NBD endpoint tests: running nbdcp with a
-//! deadline, reading an export back independently of nbdcp (qemu-img), a
-//! minimal NBD handshake probe for the advertised transmission flags, the
-//! pattern plugin's expected bytes, and a check for leftover server
-//! processes.
+//! More harness pieces for the NBD endpoint tests: reading an export
+//! back independently of nbdcp (qemu-img), a minimal NBD handshake probe
+//! for the advertised transmission flags, the pattern plugin's expected
+//! bytes, and a check for leftover server processes.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use super::{nbdcp, require};
-
-/// Longest any single nbdcp run may take in these tests before it is
-/// declared hung, killed, and the test failed.
-pub const NBDCP_DEADLINE: Duration = Duration::from_secs(60);
-
-/// Run nbdcp with `args`, stdin from `/dev/null` (or `stdin` bytes when
-/// given), collecting stdout and stderr; kill it and panic if it has not
-/// finished within [`NBDCP_DEADLINE`] (a hang is a failure, not a stuck
-/// test run).
-pub fn run_nbdcp(args: &[&str], stdin: Option<&[u8]>) -> Output {
-    run_with_deadline(nbdcp().args(args), stdin, NBDCP_DEADLINE)
-}
-
-/// Run `cmd` (stdout/stderr captured) with a deadline; see [`run_nbdcp`].
-pub fn run_with_deadline(cmd: &mut Command, stdin: Option<&[u8]>, deadline: Duration) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    let described = format!("{cmd:?}");
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {described}: {e}"));
-    // Feed stdin and drain the outputs on helper threads so that a large
-    // image through a pipe cannot deadlock against the child.
-    let feeder = stdin.map(|data| {
-        let data = data.to_vec();
-        let mut pipe = child.stdin.take().unwrap();
-        std::thread::spawn(move || {
-            // The child may legitimately stop reading (it failed): ignore
-            // EPIPE here, the exit status tells.
-            let _ = pipe.write_all(&data);
-        })
-    });
-    let mut out_pipe = child.stdout.take().unwrap();
-    let mut err_pipe = child.stderr.take().unwrap();
-    let out_thread = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out_pipe.read_to_end(&mut v);
-        v
-    });
-    let err_thread = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err_pipe.read_to_end(&mut v);
-        v
-    });
-    let end = Instant::now() + deadline;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = err_thread.join().unwrap_or_default();
-            panic!(
-                "{described} did not finish within {deadline:?} (hung); stderr so far:\n{}",
-                String::from_utf8_lossy(&stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    if let Some(f) = feeder {
-        let _ = f.join();
-    }
-    Output {
-        status,
-        stdout: out_thread.join().unwrap(),
-        stderr: err_thread.join().unwrap(),
-    }
-}
-
-/// Run nbdcp and panic with its stderr unless it exits with status 0.
-pub fn nbdcp_ok(args: &[&str]) -> Output {
-    let out = run_nbdcp(args, None);
-    assert_success(&out, args);
-    out
-}
-
-/// Panic with stderr unless `out` is a success.
-pub fn assert_success(out: &Output, args: &[&str]) {
-    assert!(
-        out.status.success(),
-        "nbdcp {args:?} failed with {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Run nbdcp expecting a failure with exit status `code`; returns stderr,
-/// checked to be `nbdcp: ...` without a panic.
-pub fn nbdcp_fails(args: &[&str], code: i32) -> String {
-    let out = run_nbdcp(args, None);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "nbdcp {args:?} should exit with {code}, got {}; stderr: {stderr}",
-        out.status
-    );
-    assert!(
-        !stderr.contains("panicked"),
-        "nbdcp {args:?} panicked: {stderr}"
-    );
-    assert!(
-        stderr.lines().any(|l| l.starts_with("nbdcp: ")),
-        "nbdcp {args:?}: no `nbdcp: ` error line in: {stderr}"
-    );
-    stderr
-}
+use super::require;
 
 /// Read the whole export at `uri` into `out` with `qemu-img convert`, an
 /// NBD client independent of nbdcp, and cut the file to `size` bytes.
@@ -242,6 +129,11 @@ pub struct ExportInfo {
 /// fixed-newstyle handshake (NBD_OPT_GO), independent of nbdcp, and
 /// return the size and transmission flags the server advertises; then
 /// disconnect cleanly.
+///
+/// An independent byte-level oracle on purpose: it writes and parses the
+/// bytes by hand rather than with `nbd::wire`, so that what it says a
+/// real server advertises does not depend on the encoders and decoders
+/// nbdcp itself uses.
 pub fn probe_export(sock: &Path, export: &str) -> ExportInfo {
     const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";
     const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;

@@ -1043,6 +1043,12 @@ pub fn decode_offset_data_prefix(buf: &[u8]) -> WireResult<u64> {
     Ok(be64(buf, 0))
 }
 
+/// Encode the offset that starts an `OFFSET_DATA` payload (for test
+/// servers; the data follows it).
+pub fn encode_offset_data_prefix(offset: u64) -> [u8; 8] {
+    offset.to_be_bytes()
+}
+
 /// An `OFFSET_HOLE` payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OffsetHole {
@@ -1566,6 +1572,11 @@ mod tests {
             512
         );
         assert!(truncated(decode_offset_data_prefix(&[0; 7])));
+        assert_eq!(encode_offset_data_prefix(512), [0, 0, 0, 0, 0, 0, 2, 0]);
+        assert_eq!(
+            decode_offset_data_prefix(&encode_offset_data_prefix(u64::MAX)).unwrap(),
+            u64::MAX
+        );
     }
 
     #[test]

@@ -216,8 +216,12 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
     let (args, commands) =
         extract_commands(args).map_err(|e| (format!("nbdcp: {e}\n"), EXIT_USAGE))?;
     let parsed = Args::try_parse_from(&args).map_err(|e| {
-        let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
-        (e.render().to_string(), code)
+        if e.use_stderr() {
+            (one_line(&e.render().to_string()), EXIT_USAGE)
+        } else {
+            // --help and --version: their text, on stdout.
+            (e.render().to_string(), 0)
+        }
     })?;
     let usage = |msg: String| (format!("nbdcp: {msg}\n"), EXIT_USAGE);
     let spec = |s: &OsStr| -> EndpointSpec {
@@ -275,6 +279,20 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
         progress,
         verbose: parsed.verbose,
     })
+}
+
+/// clap's usage error as nbdcp's one line: `nbdcp: ` and what is wrong,
+/// without the usage summary and hints that follow it.
+fn one_line(rendered: &str) -> String {
+    let words: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .collect();
+    let text = words.join(" ");
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    format!("nbdcp: {text}\n")
 }
 
 /// A size as nbdcopy's `-v` shows it beside the bytes: `1M`, `64K`,
@@ -438,7 +456,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
                 total: None,
             });
         }
-        eprintln!("nbdcp: interrupted by signal {sig}");
+        signals::announce(sig);
         return 128 + sig;
     }
     match result {
@@ -623,6 +641,21 @@ mod tests {
         assert_eq!(inv.destination, EndpointSpec::Path("out.img".into()));
         assert!(parse(args(&["[", "qemu-nbd", "a"])).is_err());
         assert!(parse(args(&["[", "]", "a"])).is_err());
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        for bad in [&["-C", "0", "a", "b"][..], &["a"], &["--no-such", "a", "b"]] {
+            let (text, code) = parse(args(bad)).expect_err("must fail");
+            assert_eq!(code, EXIT_USAGE);
+            assert_eq!(text.lines().count(), 1, "{text:?}");
+            assert!(
+                text.starts_with("nbdcp: ") && !text.contains("error:"),
+                "{text:?}"
+            );
+        }
+        let (text, _) = parse(args(&["a"])).unwrap_err();
+        assert!(text.contains("<DESTINATION>"), "{text:?}");
     }
 
     #[test]

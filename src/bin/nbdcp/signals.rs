@@ -33,6 +33,18 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// is the last resort for what it cannot reach.
 const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Set once the interruption has been reported.
+static ANNOUNCED: AtomicBool = AtomicBool::new(false);
+
+/// Say that the copy was interrupted by signal `sig`, once, whichever of
+/// the main thread (the copy returned) and the signal thread (it did not,
+/// in time) gets there first.
+pub fn announce(sig: i32) {
+    if !ANNOUNCED.swap(true, Ordering::SeqCst) {
+        eprintln!("nbdcp: interrupted by signal {sig}");
+    }
+}
+
 /// The first signal received since [`install`], if any. The command line
 /// exits with 128 + this number (130 for SIGINT, 143 for SIGTERM).
 pub fn received() -> Option<i32> {
@@ -120,10 +132,12 @@ fn collect(set: libc::sigset_t, cancel: CancelToken) {
     }
 }
 
-/// Kill and reap the servers, then exit with 128 + the first signal.
+/// Kill and reap the servers, then exit with 128 + the first signal,
+/// saying so as the copy's own end would have.
 fn exit_now() -> ! {
     nbdcp::kill_started_servers();
     let first = RECEIVED.load(Ordering::SeqCst);
+    announce(first);
     // SAFETY: _exit is always safe to call; the copy was told to stop and
     // did not, so nothing is left that must be flushed.
     unsafe { libc::_exit(128 + first) }

@@ -1,14 +1,11 @@
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::thread;
 use std::time::Duration;
 
 use super::*;
 use crate::error::ServerErrno;
-use crate::testkit::Peer;
-use crate::testkit::{FakeConfig, FakeServer, Misbehave};
+use crate::testkit::{Export, FakeConfig, Misbehave, Peer, Server};
 
-fn connect(server: &FakeServer) -> Client {
+fn connect(server: &Server) -> Client {
     let opts = ClientOptions {
         name: "fake".into(),
         timeout: Some(Duration::from_secs(10)),
@@ -22,8 +19,24 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn start(size: usize, f: impl FnOnce(&mut FakeConfig)) -> FakeServer {
-    FakeServer::start(size, f)
+fn start(size: usize, f: impl FnOnce(&mut FakeConfig)) -> Server {
+    Server::memory(size, f)
+}
+
+/// The modern handshake nbdcp's client does, checked step by step, for a
+/// 64 KiB export whose `base:allocation` has context id 1.
+fn small_export() -> Export {
+    Export::new(65536).flags(NBD_FLAG_HAS_FLAGS).context(1)
+}
+
+/// Run `script` as the server of a connection on a thread; the client's
+/// end is returned with the thread, whose script must not fail.
+fn scripted(
+    script: impl FnOnce(&mut Peer) -> io::Result<()> + Send + 'static,
+) -> (Transport, thread::JoinHandle<io::Result<()>>) {
+    let (c, mut p) = Peer::pair();
+    let t = thread::spawn(move || script(&mut p));
+    (Transport::from_unix(c), t)
 }
 
 #[test]
@@ -564,17 +577,13 @@ fn unknown_export_from_connect() {
 
 #[test]
 fn silent_server_times_out() {
-    let (c, s) = UnixStream::pair().unwrap();
-    let server = thread::spawn(move || {
-        let mut p = Peer(s);
-        p.serve_go("", 65536, NBD_FLAG_HAS_FLAGS, Some(1));
-        let mut h = [0u8; REQUEST_HEADER_LEN];
-        p.0.read_exact(&mut h).unwrap();
+    let (t, server) = scripted(|p| {
+        p.serve_go(&small_export())?;
+        p.request()?.expect("a request");
         // Never answer; wait for the client to give up.
-        let mut rest = Vec::new();
-        let _ = p.0.read_to_end(&mut rest);
+        p.drain();
+        Ok(())
     });
-    let t = Transport::from_unix(c);
     t.set_timeout(Some(Duration::from_millis(200))).unwrap();
     let mut client = Client::handshake(t, "", "slow").unwrap();
     let mut b = vec![0u8; 512];
@@ -585,79 +594,50 @@ fn silent_server_times_out() {
     assert_eq!(e.to_string(), "read at offset 0 length 512: timed out");
     assert!(client.is_dead());
     drop(client);
-    server.join().unwrap();
+    server.join().unwrap().unwrap();
 }
 
 #[test]
 fn structured_reply_without_negotiation_is_refused() {
-    let (c, s) = UnixStream::pair().unwrap();
-    let server = thread::spawn(move || {
-        let mut p = Peer(s);
-        p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-        p.client_flags();
-        let (opt, _) = p.option();
-        p.reply(opt, NBD_REP_ERR_UNSUP, &[]);
-        let (opt, _) = p.option();
-        p.reply(
+    let (t, server) = scripted(|p| {
+        p.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)?;
+        p.client_flags()?;
+        let (opt, _) = p.option()?;
+        assert_eq!(opt, NBD_OPT_STRUCTURED_REPLY);
+        p.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?;
+        let (opt, _) = p.option()?;
+        assert_eq!(opt, NBD_OPT_GO);
+        p.info(
             opt,
-            NBD_REP_INFO,
             &Info::Export {
                 size: 4096,
                 flags: NBD_FLAG_HAS_FLAGS,
-            }
-            .encode(),
-        );
-        p.reply(opt, NBD_REP_ACK, &[]);
-        let mut h = [0u8; REQUEST_HEADER_LEN];
-        p.0.read_exact(&mut h).unwrap();
-        let r = Request::decode(&h).unwrap();
-        let c = ChunkHeader {
-            flags: NBD_REPLY_FLAG_DONE,
-            chunk_type: NBD_REPLY_TYPE_NONE,
-            cookie: r.cookie,
-            length: 0,
-        };
-        p.0.write_all(&c.encode()).unwrap();
+            },
+        )?;
+        p.ack(opt)?;
+        let (r, _) = p.request()?.expect("a request");
+        p.done(r.cookie)
     });
-    let mut client = Client::handshake(Transport::from_unix(c), "", "t").unwrap();
+    let mut client = Client::handshake(t, "", "t").unwrap();
     let mut b = vec![0u8; 512];
     let e = client
         .read_many(&mut [(0u64, b.as_mut_slice())], 1, 1 << 20)
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Protocol);
     assert!(e.to_string().contains("without negotiating"), "{e}");
-    server.join().unwrap();
+    server.join().unwrap().unwrap();
 }
 
 #[test]
 fn endless_error_chunks_are_cut_off() {
-    let (c, s) = UnixStream::pair().unwrap();
-    let server = thread::spawn(move || {
-        let mut p = Peer(s);
-        p.serve_go("", 65536, NBD_FLAG_HAS_FLAGS, Some(1));
-        let mut h = [0u8; REQUEST_HEADER_LEN];
-        p.0.read_exact(&mut h).unwrap();
-        let r = Request::decode(&h).unwrap();
-        let (chunk_type, payload) = ErrorChunk {
-            error: NBD_EIO,
-            message: "again".into(),
-            offset: None,
-        }
-        .encode();
-        let c = ChunkHeader {
-            flags: 0,
-            chunk_type,
-            cookie: r.cookie,
-            length: payload.len() as u32,
-        };
+    let (t, server) = scripted(|p| {
+        p.serve_go(&small_export())?;
+        let (r, _) = p.request()?.expect("a request");
         // Error chunks that never say DONE, until the client hangs up.
-        loop {
-            if p.0.write_all(&c.encode()).is_err() || p.0.write_all(&payload).is_err() {
-                break;
-            }
-        }
+        while p.error(r.cookie, 0, NBD_EIO, "again", None).is_ok() {}
+        Ok(())
     });
-    let mut client = Client::handshake(Transport::from_unix(c), "", "t").unwrap();
+    let mut client = Client::handshake(t, "", "t").unwrap();
     let mut b = vec![0u8; 512];
     let e = client
         .read_many(&mut [(0u64, b.as_mut_slice())], 1, 1 << 20)
@@ -666,7 +646,7 @@ fn endless_error_chunks_are_cut_off() {
     assert!(e.to_string().contains("more than 64 error"), "{e}");
     assert!(client.is_dead());
     drop(client);
-    server.join().unwrap();
+    server.join().unwrap().unwrap();
 }
 
 /// Found with the `replies` fuzz target's end-of-range case (seeds
@@ -675,31 +655,15 @@ fn endless_error_chunks_are_cut_off() {
 /// (a panic in debug builds).
 #[test]
 fn error_offset_at_end_of_offset_range() {
-    let (c, s) = UnixStream::pair().unwrap();
-    let server = thread::spawn(move || {
-        let mut p = Peer(s);
-        p.serve_go("", 65536, NBD_FLAG_HAS_FLAGS, Some(1));
-        let mut h = [0u8; REQUEST_HEADER_LEN];
-        p.0.read_exact(&mut h).unwrap();
-        let r = Request::decode(&h).unwrap();
+    let (t, server) = scripted(|p| {
+        p.serve_go(&small_export())?;
+        let (r, _) = p.request()?.expect("a request");
         for (at, done) in [(r.offset, 0), (u64::MAX, NBD_REPLY_FLAG_DONE)] {
-            let (chunk_type, payload) = ErrorChunk {
-                error: NBD_EIO,
-                message: "bad".into(),
-                offset: Some(at),
-            }
-            .encode();
-            let c = ChunkHeader {
-                flags: done,
-                chunk_type,
-                cookie: r.cookie,
-                length: payload.len() as u32,
-            };
-            p.0.write_all(&c.encode()).unwrap();
-            p.0.write_all(&payload).unwrap();
+            p.error(r.cookie, done, NBD_EIO, "bad", Some(at))?;
         }
+        Ok(())
     });
-    let mut client = Client::handshake(Transport::from_unix(c), "", "t").unwrap();
+    let mut client = Client::handshake(t, "", "t").unwrap();
     let mut b = vec![0u8; 512];
     let at = u64::MAX - 511;
     let e = client
@@ -709,7 +673,7 @@ fn error_offset_at_end_of_offset_range() {
     assert!(e.to_string().contains(&format!("at offset {at}")), "{e}");
     assert!(!client.is_dead());
     drop(client);
-    server.join().unwrap();
+    server.join().unwrap().unwrap();
 }
 
 /// `send_writes` returns once its requests are sent; the replies still
