@@ -180,7 +180,11 @@ impl Plan {
             .request_size
             .unwrap_or_else(|| auto_request_size(&source.tuning, &destination.tuning, options))
             .next_multiple_of(align as usize);
-        let zero_scan = options.sparse_size != 0 && destination.tuning.zero_scan;
+        // Zero runs in data are found to leave holes; --allocated wants
+        // none, so it turns the scan off, as nbdcopy does (libnbd's
+        // copy-sparse-allocated.sh writes whole 32 KiB extents).
+        let zero_scan =
+            options.sparse_size != 0 && destination.tuning.zero_scan && !options.allocated;
         let limits = Limits {
             chunk,
             requests: if options.synchronous {
@@ -521,7 +525,7 @@ mod tests {
                     ..file(None)
                 },
                 with(|o| o.allocated = true),
-                (4096, false, true),
+                (0, false, true),
             ),
         ];
         for (i, (dst, o, want)) in cases.iter().enumerate() {
