@@ -426,3 +426,156 @@ fn a_queue_smaller_than_the_request_size_is_raised() {
         assert_same_bytes(&src, &dst);
     }
 }
+
+/// `[ nbdkit --exit-with-parent ARGS... ]` as nbdcp's arguments.
+fn nbdkit(args: &[&str]) -> Vec<String> {
+    // --log=null: nbdkit's own messages about the errors it injects would
+    // share nbdcp's stderr, whose one line is checked.
+    ["[", "nbdkit", "--exit-with-parent", "--log=null"]
+        .iter()
+        .chain(args)
+        .chain(&["]"])
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn run_copy(options: &[&str], source: &[String], destination: &[String]) -> Finished {
+    require("nbdkit");
+    let mut args: Vec<&str> = options.to_vec();
+    args.push("--");
+    args.extend(source.iter().map(String::as_str));
+    args.extend(destination.iter().map(String::as_str));
+    Nbdcp::new(&args).run()
+}
+
+/// copy-nbd-error.sh: which server errors are fatal and which are not.
+/// The script's must-fail cases inject at a 50 % rate on a handful of
+/// requests, which can miss; here they inject on every request.
+#[test]
+fn copy_nbd_error_fails_only_where_data_would_be_lost() {
+    let null: &[String] = &["null:".to_string()];
+    // Block status failing is no reason to fail: everything is read.
+    run_copy(
+        &[],
+        &nbdkit(&["--filter=error", "pattern", "5M", "error-extents-rate=1"]),
+        null,
+    )
+    .assert_ok_after_warnings();
+    // A read that fails is fatal...
+    let run = run_copy(
+        &[],
+        &nbdkit(&["--filter=error", "pattern", "5M", "error-pread-rate=1"]),
+        null,
+    );
+    let line = run.assert_clean_failure("nbdkit");
+    assert!(line.contains("read at offset "), "{line}");
+    // ...unless block status says there is nothing to read.
+    run_copy(
+        &[],
+        &nbdkit(&["--filter=error", "null", "5M", "error-pread-rate=1"]),
+        null,
+    )
+    .assert_ok();
+    // A write that fails is fatal...
+    let memory_failing = |what: &str| {
+        nbdkit(&[
+            "--filter=error",
+            "--filter=noextents",
+            "memory",
+            "5M",
+            &format!("error-{what}-rate=1"),
+        ])
+    };
+    let line = run_copy(&[], &nbdkit(&["pattern", "5M"]), &memory_failing("pwrite"))
+        .assert_clean_failure("nbdkit")
+        .to_string();
+    assert!(line.contains("write at offset "), "{line}");
+    // ...unless only zeroes are written.
+    run_copy(&[], &nbdkit(&["null", "5M"]), &memory_failing("pwrite")).assert_ok();
+    // A zero request that fails is fatal...
+    let line = run_copy(
+        &[],
+        &nbdkit(&["null", "5M"]),
+        &nbdkit(&["--filter=error", "memory", "5M", "error-zero-rate=1"]),
+    )
+    .assert_clean_failure("nbdkit")
+    .to_string();
+    assert!(line.contains("zero at offset "), "{line}");
+    // ...unless the destination is known to be zero already...
+    run_copy(
+        &["--destination-is-zero"],
+        &nbdkit(&["null", "5M"]),
+        &nbdkit(&[
+            "--filter=error",
+            "memory",
+            "5M",
+            "error-pwrite-rate=1",
+            "error-zero-rate=1",
+        ]),
+    )
+    .assert_ok();
+    // ...or the server does not offer zeroing, and zeroes are written.
+    run_copy(
+        &[],
+        &nbdkit(&["null", "5M"]),
+        &nbdkit(&[
+            "--filter=nozero",
+            "--filter=error",
+            "memory",
+            "5M",
+            "error-zero-rate=1",
+        ]),
+    )
+    .assert_ok();
+}
+
+/// copy-nbd-to-small-nbd-error.sh: a destination smaller than the source
+/// is an error, before anything is written.
+#[test]
+fn copy_nbd_to_a_smaller_nbd_fails() {
+    let src = Server::nbdkit(&["pattern", "size=10M"]);
+    let dst = Server::nbdkit_logged(&["memory", "size=1M"]);
+    let run = Nbdcp::new(&[&src.uri(), &dst.uri()]).run();
+    let line = run.assert_clean_failure(&dst.uri());
+    assert!(line.contains("too small"), "{line}");
+    let writes = requests_of(&dst.log_entries(), LogCommand::Write).len();
+    assert_eq!(writes, 0);
+}
+
+/// copy-nbd-to-hexdump.sh: an NBD source to stdout carries its bytes in
+/// order ("Hello" repeated, 8 KiB).
+#[test]
+fn copy_nbd_to_stdout_carries_the_bytes_in_order() {
+    require("nbdkit");
+    let dir = tmp();
+    let path = dir.path().join("out");
+    let out = std::fs::File::create(&path).unwrap();
+    Nbdcp::new(&[
+        "--",
+        "[",
+        "nbdkit",
+        "--exit-with-parent",
+        "data",
+        "data=( \"Hello\" )*2000",
+        "size=8192",
+        "]",
+        "-",
+    ])
+    .stdout(out)
+    .run()
+    .assert_ok();
+    let want: Vec<u8> = b"Hello".iter().copied().cycle().take(8192).collect();
+    assert_eq!(std::fs::read(&path).unwrap(), want);
+}
+
+/// copy-zero-to-nbd.sh: an empty source (`/dev/null`) copies to an NBD
+/// server and succeeds, with -p.
+#[test]
+fn copy_from_dev_null_to_nbd() {
+    let dst = Server::nbdkit(&["memory", "size=10M"]);
+    let run = Nbdcp::new(&["-p", "/dev/null", &dst.uri()]).run();
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    // Not a terminal: the bar's last state, one line, and nothing else.
+    assert!(run.stderr.lines().count() <= 1, "{}", run.stderr);
+    assert!(!run.stderr.contains("nbdcp:"), "{}", run.stderr);
+}
