@@ -80,6 +80,19 @@ pub struct CopyOptions {
     pub retries: u32,
     /// Size of the pieces the source is cut into for the workers.
     pub segment_size: u64,
+    /// Copy from this byte of the source on (`--source-offset`, as dd's
+    /// `skip`).
+    pub source_offset: u64,
+    /// Write to the destination from this byte on (`--destination-offset`,
+    /// as dd's `seek`); a regular-file destination is then not truncated.
+    pub destination_offset: u64,
+    /// Copy this many bytes (`--length`, as dd's `count`); `None` copies
+    /// to the end of the source.
+    pub length: Option<u64>,
+    /// Read at most this many bytes of data a second from the source,
+    /// across all workers (`--rate`); holes skipped through extents do
+    /// not count.
+    pub rate: Option<u64>,
     /// Told about progress from worker threads.
     pub progress: Option<ProgressFn>,
     /// Told once what the copy is about to do (`-v`), when the endpoints
@@ -106,6 +119,10 @@ impl Default for CopyOptions {
             timeout: None,
             retries: DEFAULT_RETRIES,
             segment_size: DEFAULT_SEGMENT_SIZE,
+            source_offset: 0,
+            destination_offset: 0,
+            length: None,
+            rate: None,
             progress: None,
             report: None,
             cancel: CancelToken::new(),
@@ -130,6 +147,10 @@ impl fmt::Debug for CopyOptions {
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
             .field("segment_size", &self.segment_size)
+            .field("source_offset", &self.source_offset)
+            .field("destination_offset", &self.destination_offset)
+            .field("length", &self.length)
+            .field("rate", &self.rate)
             .finish_non_exhaustive()
     }
 }
@@ -225,6 +246,9 @@ impl CopyOptions {
                 ],
             );
         }
+        if self.rate == Some(0) {
+            return invalid("rate", "must be at least 1 byte a second");
+        }
         // A power of two at least the request size is a multiple of it.
         if !self.segment_size.is_power_of_two() || self.segment_size < smallest_request as u64 {
             return invalid(
@@ -235,12 +259,20 @@ impl CopyOptions {
         Ok(())
     }
 
+    /// Whether only part of the source, or to another place, is copied
+    /// (`source_offset`, `destination_offset` or `length` set).
+    pub fn is_range(&self) -> bool {
+        self.source_offset != 0 || self.destination_offset != 0 || self.length.is_some()
+    }
+
     /// Options for opening endpoints for this copy.
     pub fn open_options(&self) -> OpenOptions {
         OpenOptions {
             requests: if self.synchronous { 1 } else { self.requests },
             queue_size: self.queue_size.max(self.request_size.unwrap_or(0)),
             timeout: self.timeout,
+            // Outside a range the destination stays as it was.
+            preserve_destination: self.is_range(),
         }
     }
 }

@@ -84,6 +84,35 @@ impl FileEndpoint {
         Ok(ep)
     }
 
+    /// Open `path` for writing a range that ends at `end`: a regular file
+    /// (created if missing) keeps its contents and grows to `end` if it
+    /// is shorter; a block device keeps its size.
+    pub fn open_to_extend(name: &str, path: &Path, end: u64) -> Result<FileEndpoint> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(path)
+            .map_err(|e| Error::io(name, Operation::Open, e))?;
+        let mut ep = FileEndpoint::from_file(name, file, true, false)?;
+        if ep.kind == Kind::Regular && ep.size < end {
+            if i64::try_from(end).is_err() {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("size {end} is too large for a file"),
+                )
+                .with_endpoint(name)
+                .with_operation(Operation::Resize));
+            }
+            ep.file
+                .set_len(end)
+                .map_err(|e| Error::io(name, Operation::Resize, e).at_offset(end))?;
+            ep.size = end;
+        }
+        Ok(ep)
+    }
+
     /// Wrap an open file or block device (e.g. standard input or output
     /// redirected from a file). `fresh` says it reads as zeroes and its
     /// size is nbdcp's to set.

@@ -89,6 +89,10 @@ pub struct OpenOptions {
     pub queue_size: usize,
     /// Fail an NBD request that takes longer than this.
     pub timeout: Option<Duration>,
+    /// Keep a regular-file destination's contents: do not truncate it,
+    /// only grow it to the size asked for if it is shorter (copying a
+    /// range).
+    pub preserve_destination: bool,
 }
 
 impl Default for OpenOptions {
@@ -98,6 +102,7 @@ impl Default for OpenOptions {
             requests: DEFAULT_REQUESTS,
             queue_size: DEFAULT_QUEUE_SIZE,
             timeout: None,
+            preserve_destination: false,
         }
     }
 }
@@ -149,6 +154,7 @@ fn open_path(
     name: &str,
     path: &Path,
     destination: Option<Option<u64>>,
+    preserve: bool,
 ) -> Result<Box<dyn Endpoint>> {
     if is_stream_path(path) {
         let mut opts = std::fs::OpenOptions::new();
@@ -162,6 +168,7 @@ fn open_path(
         return Ok(stream::from_file(name, file, destination.is_some()));
     }
     Ok(match destination {
+        Some(Some(end)) if preserve => Box::new(FileEndpoint::open_to_extend(name, path, end)?),
         Some(size) => Box::new(FileEndpoint::open_destination(name, path, size)?),
         None => Box::new(FileEndpoint::open_source(name, path)?),
     })
@@ -177,7 +184,7 @@ fn connect_nbd(uri: &str, writable: bool, options: &OpenOptions) -> Result<Box<d
 /// Open a source.
 pub fn open_source(spec: &EndpointSpec, options: &OpenOptions) -> Result<Box<dyn Endpoint>> {
     match spec {
-        EndpointSpec::Path(p) => open_path(&spec.name(), p, None),
+        EndpointSpec::Path(p) => open_path(&spec.name(), p, None, false),
         EndpointSpec::Stdio => stream::open_stdin(),
         EndpointSpec::Null => Err(Error::usage("null: can only be a destination")),
         EndpointSpec::Nbd(uri) => connect_nbd(uri, false, options),
@@ -191,14 +198,21 @@ pub fn open_source(spec: &EndpointSpec, options: &OpenOptions) -> Result<Box<dyn
 }
 
 /// Open a destination for a source of `source_size` bytes (`None` if the
-/// source is a pipe).
+/// source is a pipe). With [`OpenOptions::preserve_destination`],
+/// `source_size` is where the copied range ends on the destination: a
+/// regular file keeps its contents and grows to it if shorter.
 pub fn open_destination(
     spec: &EndpointSpec,
     source_size: Option<u64>,
     options: &OpenOptions,
 ) -> Result<Box<dyn Endpoint>> {
     let ep: Box<dyn Endpoint> = match spec {
-        EndpointSpec::Path(p) => open_path(&spec.name(), p, Some(source_size))?,
+        EndpointSpec::Path(p) => open_path(
+            &spec.name(),
+            p,
+            Some(source_size),
+            options.preserve_destination,
+        )?,
         EndpointSpec::Stdio => stream::open_stdout(source_size)?,
         EndpointSpec::Null => Box::new(NullEndpoint),
         EndpointSpec::Nbd(uri) => connect_nbd(uri, true, options)?,

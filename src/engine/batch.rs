@@ -34,6 +34,27 @@ pub struct Limits {
     /// end, since the destination cannot take a partial block (and the
     /// destination is at least that large, its size being whole blocks).
     pub tail_align: u64,
+    /// Where source offsets land on the destination (a range copied to
+    /// another place).
+    pub shift: Shift,
+}
+
+/// Moves source offsets to destination offsets: the source's
+/// `source_start` is the destination's `destination_start`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shift {
+    /// First source byte copied.
+    pub source_start: u64,
+    /// Where it is written.
+    pub destination_start: u64,
+}
+
+impl Shift {
+    /// The destination offset for source offset `offset` (at least
+    /// `source_start`; the plan checked the range fits both sides).
+    pub fn apply(&self, offset: u64) -> u64 {
+        offset - self.source_start + self.destination_start
+    }
 }
 
 impl Limits {
@@ -202,20 +223,22 @@ impl Batch {
         self.covered = end.saturating_sub(start);
     }
 
-    /// The destination operations planned by [`Batch::plan_writes`].
-    pub fn write_ops(&self, allocate: bool) -> Vec<WriteOp<'_>> {
+    /// The destination operations planned by [`Batch::plan_writes`], at
+    /// their destination offsets.
+    pub fn write_ops(&self, limits: &Limits) -> Vec<WriteOp<'_>> {
+        let allocate = limits.allocate;
         self.ops
             .iter()
             .map(|op| match *op {
                 Op::Write { offset, start, len } => WriteOp::Write {
-                    offset,
+                    offset: limits.shift.apply(offset),
                     data: match &self.buf {
                         Some(buf) => Payload::lendable(buf, start..start + len),
                         None => Payload::copied(&[]),
                     },
                 },
                 Op::Zero { offset, len } => WriteOp::Zero {
-                    offset,
+                    offset: limits.shift.apply(offset),
                     length: len,
                     allocate,
                 },
@@ -366,6 +389,7 @@ mod tests {
             merge_writes: 1 << 20,
             tail_end: u64::MAX,
             tail_align: 1,
+            shift: Shift::default(),
         }
     }
 
@@ -525,7 +549,7 @@ mod tests {
         // Leave garbage where the padding goes, as a previous batch would.
         batch.memory(8192)[5000..8192].fill(0xbb);
         batch.plan_writes(&l);
-        let ops = batch.write_ops(false);
+        let ops = batch.write_ops(&l);
         let WriteOp::Write { offset, data } = ops[0] else {
             panic!("{ops:?}")
         };
@@ -546,7 +570,7 @@ mod tests {
         batch.plan_writes(&l);
         let first = batch.bytes().as_ptr();
         // An endpoint whose connection died with the pages lent.
-        for op in batch.write_ops(false) {
+        for op in batch.write_ops(&l) {
             if let WriteOp::Write { data, .. } = op {
                 data.lendable_from().unwrap().poison();
             }

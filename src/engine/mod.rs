@@ -18,6 +18,7 @@ pub mod batch;
 pub mod extents;
 pub mod plan;
 pub mod progress;
+mod rate;
 pub mod report;
 pub mod segments;
 mod stream;
@@ -81,7 +82,18 @@ pub fn copy(
     endpoint::check_distinct(source, destination)?;
     let open = options.open_options();
     let src = endpoint::open_source(source, &open)?;
-    let dst = endpoint::open_destination(destination, src.size(), &open)?;
+    // A range ends where it ends on the destination; past the end of the
+    // source is refused by the plan.
+    let end = match (src.size(), options.is_range()) {
+        (Some(size), true) => {
+            let length = options
+                .length
+                .unwrap_or_else(|| size.saturating_sub(options.source_offset));
+            Some(options.destination_offset.saturating_add(length))
+        }
+        (size, _) => size,
+    };
+    let dst = endpoint::open_destination(destination, end, &open)?;
     copy_endpoints(src, dst, options)
 }
 
@@ -103,7 +115,12 @@ pub fn copy_endpoints(
         options,
         cores(),
     )?;
-    let Shape::Segments { size, workers, .. } = plan.shape else {
+    let Shape::Segments {
+        length: size,
+        workers,
+        ..
+    } = plan.shape
+    else {
         let tracker = Tracker::new(None, options.progress.clone());
         let shared = worker::Shared::new(&plan, tracker);
         let _linked = link_cancel(options, &shared);
@@ -213,7 +230,10 @@ fn interrupt_on_stop<'a>(
 /// Feed the segments to one thread per handle pair and wait for them all.
 fn run_workers(plan: &Plan, shared: &worker::Shared, handles: &mut [HandlePair]) {
     let Shape::Segments {
-        size, segment_size, ..
+        start,
+        length: size,
+        segment_size,
+        ..
     } = plan.shape
     else {
         return;
@@ -227,7 +247,7 @@ fn run_workers(plan: &Plan, shared: &worker::Shared, handles: &mut [HandlePair])
     std::thread::scope(|scope| {
         let stop = shared.stop_token();
         scope.spawn(move || {
-            for segment in segments::plan(size, segment_size) {
+            for segment in segments::plan(start, size, segment_size) {
                 // Stops when the workers are gone (they hold the receivers).
                 if stop.is_cancelled() || tx.send(segment).is_err() {
                     break;

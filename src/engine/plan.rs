@@ -7,7 +7,7 @@ use crate::endpoint::{BlockSize, Capabilities, Endpoint, Tuning};
 use crate::error::{Error, ErrorKind, Result};
 use crate::options::{CopyOptions, DEFAULT_REQUEST_SIZE, MAX_REQUEST_SIZE, MIN_REQUEST_SIZE};
 
-use super::batch::Limits;
+use super::batch::{Limits, Shift};
 
 /// Most data in one batch. Measured on qcow2 -> qcow2 through qemu-nbd
 /// (2 cores shared with both servers): 2 MiB batches cost 0.34 s of CPU
@@ -54,11 +54,13 @@ impl Side {
 pub enum Shape {
     /// In order, by one thread, until it ends (a pipe, or a size unknown).
     Stream,
-    /// Cut into segments of `segment_size` over `size` bytes, copied by up
-    /// to `workers` workers.
+    /// Cut into segments of `segment_size` over the `length` bytes from
+    /// source offset `start`, copied by up to `workers` workers.
     Segments {
-        /// The source's size.
-        size: u64,
+        /// First source byte copied.
+        start: u64,
+        /// Bytes copied: the source's size, or the range's length.
+        length: u64,
         /// Length of each segment (the last may be shorter).
         segment_size: u64,
         /// Workers wanted; fewer if extra connections cannot be had.
@@ -88,6 +90,8 @@ pub struct Plan {
     pub final_flush: bool,
     /// Times a segment may be retried.
     pub retries: u32,
+    /// Most bytes of data read from the source a second (`--rate`).
+    pub rate: Option<u64>,
 }
 
 /// The smaller of two endpoint hints, where 0 means "no preference".
@@ -156,6 +160,107 @@ fn batch_bytes(source: &Side, destination: &Side, options: &CopyOptions, chunk: 
     hinted.map_or(target, |hint| hint.min(target)).max(chunk)
 }
 
+/// How the source is walked: segments over the range to copy (all of a
+/// source of known size unless a range is given), or a stream. Fails if
+/// the range does not fit either side.
+fn shape(source: &Side, destination: &Side, options: &CopyOptions, cores: usize) -> Result<Shape> {
+    let size = match source.size {
+        Some(size) if !source.capabilities.sequential => size,
+        _ if options.is_range() => {
+            return Err(Error::usage(
+                "a range (--source-offset, --destination-offset, --length) needs a source that is not a pipe",
+            )
+            .with_endpoint(&source.name));
+        }
+        _ => return Ok(Shape::Stream),
+    };
+    let start = options.source_offset;
+    let past_end = || {
+        Error::usage(format!(
+            "the range from offset {start}{} is past the end of the source ({size} bytes)",
+            options
+                .length
+                .map_or(String::new(), |l| format!(" length {l}"))
+        ))
+        .with_endpoint(&source.name)
+    };
+    let length = match options.length {
+        Some(length) if start.checked_add(length).is_some_and(|end| end <= size) => length,
+        Some(_) => return Err(past_end()),
+        None => size.checked_sub(start).ok_or_else(past_end)?,
+    };
+    if destination.capabilities.sequential && options.destination_offset != 0 {
+        return Err(
+            Error::usage("--destination-offset needs a destination that is not a pipe")
+                .with_endpoint(&destination.name),
+        );
+    }
+    let end = options.destination_offset.checked_add(length);
+    if let Some(dsize) = destination.size.filter(|&d| end.is_none_or(|e| e > d)) {
+        let message = if options.is_range() {
+            format!(
+                "destination is too small: it has {dsize} bytes, the range ends at {}",
+                end.map_or("beyond 2^64".to_string(), |e| e.to_string())
+            )
+        } else {
+            format!("destination is too small: it has {dsize} bytes, the source has {size}")
+        };
+        return Err(Error::new(ErrorKind::TooSmall, message).with_endpoint(&destination.name));
+    }
+    let workers = if destination.capabilities.sequential {
+        1
+    } else {
+        worker_limit(options, source.tuning.waits_on_peer, cores)
+    };
+    Ok(Shape::Segments {
+        start,
+        length,
+        segment_size: options.segment_size,
+        workers,
+    })
+}
+
+/// A range must start and end on each side's minimum block size (an NBD
+/// server's), except where it ends at the end of the source.
+fn check_alignment(
+    source: &Side,
+    destination: &Side,
+    options: &CopyOptions,
+    shape: &Shape,
+) -> Result<()> {
+    let Shape::Segments { start, length, .. } = *shape else {
+        return Ok(());
+    };
+    let smin = u64::from(source.block_size.minimum.max(1));
+    let dmin = u64::from(destination.block_size.minimum.max(1));
+    let ends_source = source.size == Some(start + length);
+    let checks = [
+        (&source.name, "--source-offset", start, smin),
+        (
+            &destination.name,
+            "--destination-offset",
+            options.destination_offset,
+            dmin,
+        ),
+        (&destination.name, "--length", length, dmin),
+    ];
+    for (name, what, value, block) in checks {
+        if value % block != 0 {
+            return Err(Error::usage(format!(
+                "{what} {value} is not a multiple of the minimum block size, {block}"
+            ))
+            .with_endpoint(name));
+        }
+    }
+    if !ends_source && length % smin != 0 {
+        return Err(Error::usage(format!(
+            "--length {length} is not a multiple of the minimum block size, {smin}"
+        ))
+        .with_endpoint(&source.name));
+    }
+    Ok(())
+}
+
 impl Plan {
     /// Decide how to copy `source` to `destination` with `options` on a
     /// machine with `cores` cores. Fails if the destination is read-only
@@ -185,7 +290,7 @@ impl Plan {
         // copy-sparse-allocated.sh writes whole 32 KiB extents).
         let zero_scan =
             options.sparse_size != 0 && destination.tuning.zero_scan && !options.allocated;
-        let limits = Limits {
+        let mut limits = Limits {
             chunk,
             requests: if options.synchronous {
                 1
@@ -212,31 +317,20 @@ impl Plan {
             },
             tail_end: source.size.unwrap_or(u64::MAX),
             tail_align: dmin,
+            shift: Shift::default(),
         };
-        let shape = match source.size {
-            Some(size) if !source.capabilities.sequential => {
-                if let Some(dsize) = destination.size.filter(|&d| d < size) {
-                    return Err(Error::new(
-                        ErrorKind::TooSmall,
-                        format!(
-                            "destination is too small: it has {dsize} bytes, the source has {size}"
-                        ),
-                    )
-                    .with_endpoint(&destination.name));
-                }
-                let workers = if destination.capabilities.sequential {
-                    1
-                } else {
-                    worker_limit(options, source.tuning.waits_on_peer, cores)
-                };
-                Shape::Segments {
-                    size,
-                    segment_size: options.segment_size,
-                    workers,
-                }
+        let shape = shape(source, destination, options, cores)?;
+        if let Shape::Segments { start, .. } = shape {
+            limits.shift = Shift {
+                source_start: start,
+                destination_start: options.destination_offset,
+            };
+            if options.is_range() {
+                check_alignment(source, destination, options, &shape)?;
+                // The range's end is inside the source: nothing to pad.
+                limits.tail_end = u64::MAX;
             }
-            _ => Shape::Stream,
-        };
+        }
         let streaming = shape == Shape::Stream;
         Ok(Plan {
             shape,
@@ -251,6 +345,7 @@ impl Plan {
                 && destination.capabilities.reconnect,
             final_flush: options.flush && destination.capabilities.flush,
             retries: if streaming { 0 } else { options.retries },
+            rate: options.rate,
         })
     }
 }
@@ -546,13 +641,61 @@ mod tests {
         assert_eq!(
             p.shape,
             Shape::Segments {
-                size: G,
+                start: 0,
+                length: G,
                 segment_size: 128 << 20,
                 workers: CORES
             }
         );
         assert!(p.overlap && p.use_extents);
         assert_eq!(p.limits.tail_end, G);
+    }
+
+    #[test]
+    fn ranges() {
+        let src = file(Some(G));
+        let dst = nbd(Some(G), false);
+        let r = |so: u64, dof: u64, len: Option<u64>| {
+            with(|o| {
+                o.source_offset = so;
+                o.destination_offset = dof;
+                o.length = len;
+            })
+        };
+        // (options) -> Ok((start, length, shift to)) or the error kind
+        let cases: &[(CopyOptions, std::result::Result<(u64, u64, u64), ErrorKind>)] = &[
+            (r(0, 0, None), Ok((0, G, 0))),
+            (r(1 << 20, 0, None), Ok((1 << 20, G - (1 << 20), 0))),
+            (r(4096, 8192, Some(1 << 20)), Ok((4096, 1 << 20, 8192))),
+            (r(G, 0, None), Ok((G, 0, 0))),
+            (r(G + 1, 0, None), Err(ErrorKind::Usage)),
+            (r(G - 4096, 0, Some(8192)), Err(ErrorKind::Usage)),
+            (r(0, 1, Some(u64::MAX)), Err(ErrorKind::Usage)),
+            (r(0, G - 4096, Some(8192)), Err(ErrorKind::TooSmall)),
+        ];
+        for (i, (o, want)) in cases.iter().enumerate() {
+            let got = Plan::new(&src, &dst, o, CORES).map(|p| match p.shape {
+                Shape::Segments { start, length, .. } => {
+                    (start, length, p.limits.shift.destination_start)
+                }
+                Shape::Stream => panic!("case {i}: streamed"),
+            });
+            match (got, want) {
+                (Ok(g), Ok(w)) => assert_eq!(g, *w, "case {i}"),
+                (Err(e), Err(k)) => assert_eq!(e.kind(), *k, "case {i}: {e}"),
+                (g, w) => panic!("case {i}: got {g:?}, want {w:?}"),
+            }
+        }
+        // Offsets on an NBD server with 4 KiB blocks must be whole blocks.
+        let mut blocky = nbd(Some(G), false);
+        blocky.block_size.minimum = 4096;
+        let e = Plan::new(&src, &blocky, &r(0, 1000, Some(4096)), CORES).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Usage);
+        assert!(e.to_string().contains("--destination-offset 1000"), "{e}");
+        assert!(Plan::new(&src, &blocky, &r(0, 4096, Some(4096)), CORES).is_ok());
+        // A pipe source cannot take a range.
+        let e = Plan::new(&pipe(), &dst, &r(4096, 0, None), CORES).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Usage);
     }
 
     #[test]

@@ -16,16 +16,16 @@ impl Segment {
     }
 }
 
-/// Segments covering `[0, size)` in order, each `segment_size` long except
-/// a shorter last one. No segments for an empty source.
-pub fn plan(size: u64, segment_size: u64) -> impl Iterator<Item = Segment> {
+/// Segments covering `[start, start + length)` in order, each
+/// `segment_size` long except a shorter last one. None for an empty range.
+pub fn plan(start: u64, length: u64, segment_size: u64) -> impl Iterator<Item = Segment> {
     let segment_size = segment_size.max(1);
-    let count = size.div_ceil(segment_size);
+    let count = length.div_ceil(segment_size);
     (0..count).map(move |i| {
-        let offset = i * segment_size;
+        let at = i * segment_size;
         Segment {
-            offset,
-            length: segment_size.min(size - offset),
+            offset: start + at,
+            length: segment_size.min(length - at),
         }
     })
 }
@@ -36,7 +36,7 @@ mod tests {
     use crate::options::DEFAULT_SEGMENT_SIZE;
 
     fn check_cover(size: u64, seg: u64) {
-        let segs: Vec<_> = plan(size, seg).collect();
+        let segs: Vec<_> = plan(0, size, seg).collect();
         let mut pos = 0;
         for s in &segs {
             assert_eq!(s.offset, pos, "segments must be contiguous and disjoint");
@@ -56,12 +56,19 @@ mod tests {
 
     #[test]
     fn empty_source_has_no_segments() {
-        assert_eq!(plan(0, 4096).count(), 0);
+        assert_eq!(plan(0, 0, 4096).count(), 0);
+    }
+
+    #[test]
+    fn a_range_is_cut_from_its_start() {
+        let segs: Vec<_> = plan(1000, 10, 4).collect();
+        let got: Vec<(u64, u64)> = segs.iter().map(|s| (s.offset, s.length)).collect();
+        assert_eq!(got, vec![(1000, 4), (1004, 4), (1008, 2)]);
     }
 
     #[test]
     fn short_tail() {
-        let segs: Vec<_> = plan(10, 4).collect();
+        let segs: Vec<_> = plan(0, 10, 4).collect();
         assert_eq!(
             segs,
             vec![

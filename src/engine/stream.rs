@@ -30,7 +30,9 @@ pub(crate) fn copy(
         cursor.fill(&mut batch, &limits);
         let mut got = 0u64;
         let mut ended = false;
-        for op in batch.read_ops() {
+        let reads = batch.read_ops();
+        shared.pace(reads.iter().map(|r| r.buf.len() as u64).sum());
+        for op in reads {
             let want = op.buf.len();
             let n = source.read_stream(op.buf, op.offset)?;
             got += n as u64;

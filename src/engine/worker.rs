@@ -28,6 +28,7 @@ use super::batch::{Batch, Cursor, Limits};
 use super::extents;
 use super::plan::Plan;
 use super::progress::Tracker;
+use super::rate::RateLimiter;
 use super::segments::Segment;
 
 /// The error that ended a copy: the first one recorded wins, so the
@@ -72,6 +73,8 @@ pub(crate) struct Shared {
     pub flush_segments: bool,
     first_error: FirstError,
     warned_extents: AtomicBool,
+    /// `--rate`: shared by all workers.
+    limiter: Option<RateLimiter>,
 }
 
 impl Shared {
@@ -89,6 +92,7 @@ impl Shared {
             flush_segments: plan.flush_segments,
             first_error: FirstError::default(),
             warned_extents: AtomicBool::new(false),
+            limiter: plan.rate.map(RateLimiter::new),
         }
     }
 
@@ -135,6 +139,13 @@ impl Shared {
             zeroed: self.zeroed.load(Ordering::Relaxed),
             workers,
             elapsed: started.elapsed(),
+        }
+    }
+
+    /// Wait until `bytes` of data may be read from the source (`--rate`).
+    pub(crate) fn pace(&self, bytes: u64) {
+        if let Some(limiter) = &self.limiter {
+            limiter.take(bytes, || self.stopped());
         }
     }
 
@@ -307,6 +318,7 @@ fn copy_with_retries(
 fn read_batch(shared: &Shared, source: &mut dyn Endpoint, batch: &mut Batch) -> Result<()> {
     let mut reads = batch.read_ops();
     if !reads.is_empty() {
+        shared.pace(reads.iter().map(|r| r.buf.len() as u64).sum());
         source.read_batch(&mut reads)?;
     }
     drop(reads);
@@ -321,7 +333,7 @@ pub(crate) fn write_batch(
     destination: &mut dyn Endpoint,
     batch: &Batch,
 ) -> Result<u64> {
-    let ops = batch.write_ops(shared.limits.allocate);
+    let ops = batch.write_ops(&shared.limits);
     let mut written = 0;
     let mut zeroed = 0;
     for op in &ops {

@@ -100,6 +100,25 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = nbdcp::DEFAULT_RETRIES)]
     retries: u32,
 
+    /// Copy from this byte of the source on (as dd's skip).
+    #[arg(long, value_name = "N", value_parser = parse_size_arg)]
+    source_offset: Option<u64>,
+
+    /// Write from this byte of the destination on (as dd's seek); the
+    /// rest of the destination is left as it was.
+    #[arg(long, value_name = "N", value_parser = parse_size_arg)]
+    destination_offset: Option<u64>,
+
+    /// Copy this many bytes (as dd's count) [default: to the end of the
+    /// source].
+    #[arg(long, value_name = "N", value_parser = parse_size_arg)]
+    length: Option<u64>,
+
+    /// Read at most SIZE bytes of data a second from the source, across
+    /// all connections.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    rate: Option<u64>,
+
     /// Say more (repeat for more detail).
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -266,6 +285,10 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
     options.synchronous = parsed.synchronous;
     options.timeout = parsed.timeout;
     options.retries = parsed.retries;
+    options.source_offset = parsed.source_offset.unwrap_or(0);
+    options.destination_offset = parsed.destination_offset.unwrap_or(0);
+    options.length = parsed.length;
+    options.rate = parsed.rate;
     options
         .validate()
         .map_err(|e| usage(describe_option_error(&e)))?;
@@ -377,6 +400,7 @@ fn flag_of(field: &'static str) -> String {
         "request_size" => "--request-size",
         "queue_size" => "--queue-size",
         "sparse_size" => "--sparse",
+        "rate" => "--rate",
         // Not settable from the command line (the segment size).
         other => other,
     }
