@@ -663,7 +663,8 @@ mod tests {
             })
         };
         // (options) -> Ok((start, length, shift to)) or the error kind
-        let cases: &[(CopyOptions, std::result::Result<(u64, u64, u64), ErrorKind>)] = &[
+        type Want = std::result::Result<(u64, u64, u64), ErrorKind>;
+        let cases: &[(CopyOptions, Want)] = &[
             (r(0, 0, None), Ok((0, G, 0))),
             (r(1 << 20, 0, None), Ok((1 << 20, G - (1 << 20), 0))),
             (r(4096, 8192, Some(1 << 20)), Ok((4096, 1 << 20, 8192))),
