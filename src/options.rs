@@ -89,6 +89,9 @@ pub struct CopyOptions {
     /// Copy this many bytes (`--length`, as dd's `count`); `None` copies
     /// to the end of the source.
     pub length: Option<u64>,
+    /// Record finished segments in this file and, started again with it
+    /// after an interruption, copy only the others (`--journal`).
+    pub journal: Option<std::path::PathBuf>,
     /// Read at most this many bytes of data a second from the source,
     /// across all workers (`--rate`); holes skipped through extents do
     /// not count.
@@ -122,6 +125,7 @@ impl Default for CopyOptions {
             source_offset: 0,
             destination_offset: 0,
             length: None,
+            journal: None,
             rate: None,
             progress: None,
             report: None,
@@ -150,6 +154,7 @@ impl fmt::Debug for CopyOptions {
             .field("source_offset", &self.source_offset)
             .field("destination_offset", &self.destination_offset)
             .field("length", &self.length)
+            .field("journal", &self.journal)
             .field("rate", &self.rate)
             .finish_non_exhaustive()
     }

@@ -16,6 +16,7 @@
 
 pub mod batch;
 pub mod extents;
+mod journal;
 pub mod plan;
 pub mod progress;
 mod rate;
@@ -32,6 +33,7 @@ use crate::endpoint::{self, Endpoint, EndpointSpec};
 use crate::error::{Error, ErrorKind, Result};
 use crate::options::CopyOptions;
 
+use journal::Journal;
 use plan::{Plan, Shape, Side};
 use progress::Tracker;
 
@@ -53,6 +55,10 @@ pub struct CopyStats {
     /// Wall-clock time of the copy, including opening extra connections
     /// and the final flush.
     pub elapsed: Duration,
+    /// Bytes an earlier run had copied, by its journal, and were skipped.
+    pub resumed: u64,
+    /// The journal said the copy was already complete: nothing was done.
+    pub already_complete: bool,
 }
 
 /// Open `source` and `destination` and copy the one to the other.
@@ -80,8 +86,19 @@ pub fn copy(
 ) -> Result<CopyStats> {
     options.validate()?;
     endpoint::check_distinct(source, destination)?;
-    let open = options.open_options();
+    let mut journal = options.journal.as_deref().map(Journal::open).transpose()?;
+    let mut open = options.open_options();
+    // Resuming: the destination holds the earlier run's work.
+    if journal.as_ref().is_some_and(Journal::started) {
+        open.preserve_destination = true;
+    }
     let src = endpoint::open_source(source, &open)?;
+    // Another copy's journal is refused before the destination is even
+    // opened (opening a file destination may truncate or grow it).
+    if let Some(journal) = &mut journal {
+        let name = destination.name();
+        journal.begin(&journal_header(src.name(), src.size(), &name, options))?;
+    }
     // A range ends where it ends on the destination; past the end of the
     // source is refused by the plan.
     let end = match (src.size(), options.is_range()) {
@@ -94,7 +111,7 @@ pub fn copy(
         (size, _) => size,
     };
     let dst = endpoint::open_destination(destination, end, &open)?;
-    copy_endpoints(src, dst, options)
+    run(src, dst, options, journal)
 }
 
 /// The number of cores, which bounds the workers unless `-T` says.
@@ -103,18 +120,87 @@ fn cores() -> usize {
 }
 
 /// Copy between endpoints already open. The handles are closed at the end.
+///
+/// With [`CopyOptions::journal`] naming a journal an earlier run started,
+/// `destination` must have been opened without truncating it (as
+/// [`copy()`] does).
 pub fn copy_endpoints(
+    source: Box<dyn Endpoint>,
+    destination: Box<dyn Endpoint>,
+    options: &CopyOptions,
+) -> Result<CopyStats> {
+    let journal = options.journal.as_deref().map(Journal::open).transpose()?;
+    run(source, destination, options, journal)
+}
+
+/// The journal's header for a copy from `source` (of `size` bytes) to
+/// `destination`, by their names.
+fn journal_header(
+    source: &str,
+    size: Option<u64>,
+    destination: &str,
+    options: &CopyOptions,
+) -> journal::Header {
+    let size = size.unwrap_or(0);
+    journal::Header {
+        source: source.to_string(),
+        destination: destination.to_string(),
+        size,
+        segment_size: options.segment_size,
+        source_offset: options.source_offset,
+        destination_offset: options.destination_offset,
+        length: options
+            .length
+            .unwrap_or_else(|| size.saturating_sub(options.source_offset)),
+        allocated: options.allocated,
+        destination_is_zero: options.destination_is_zero,
+        sparse_size: options.sparse_size,
+    }
+}
+
+/// Check the journal belongs to this copy (writing its header if new);
+/// `Ok(true)` if an earlier run already finished it.
+fn resume(
+    journal: Option<&mut Journal>,
+    source: &dyn Endpoint,
+    destination: &dyn Endpoint,
+    options: &CopyOptions,
+) -> Result<bool> {
+    let Some(journal) = journal else {
+        return Ok(false);
+    };
+    let header = journal_header(source.name(), source.size(), destination.name(), options);
+    journal.begin(&header)?;
+    Ok(journal.complete())
+}
+
+fn run(
     mut source: Box<dyn Endpoint>,
     mut destination: Box<dyn Endpoint>,
     options: &CopyOptions,
+    mut journal: Option<Journal>,
 ) -> Result<CopyStats> {
     let started = Instant::now();
-    let plan = Plan::new(
+    let resuming = journal.as_ref().is_some_and(Journal::started);
+    let mut plan = Plan::new(
         &Side::of(source.as_ref()),
         &Side::of(destination.as_ref()),
         options,
         cores(),
     )?;
+    if resuming {
+        plan.resume();
+    }
+    if resume(journal.as_mut(), &*source, &*destination, options)? {
+        // Nothing to do; say goodbye to the servers politely.
+        destination.close()?;
+        source.close()?;
+        return Ok(CopyStats {
+            already_complete: true,
+            elapsed: started.elapsed(),
+            ..CopyStats::default()
+        });
+    }
     let Shape::Segments {
         length: size,
         workers,
@@ -142,7 +228,8 @@ pub fn copy_endpoints(
         handles.len(),
     );
     let tracker = Tracker::new(Some(size), options.progress.clone());
-    let shared = worker::Shared::new(&plan, tracker);
+    let journal = journal.map(std::sync::Arc::new);
+    let shared = worker::Shared::new(&plan, tracker).with_journal(journal.clone());
     let _linked = link_cancel(options, &shared);
     let _interrupts = interrupt_on_stop(&shared, handles.iter().flat_map(|(s, d)| [&**s, &**d]));
     run_workers(&plan, &shared, &mut handles);
@@ -157,6 +244,9 @@ pub fn copy_endpoints(
         ));
     }
     finish(&plan, &shared, &mut handles)?;
+    if let Some(journal) = &journal {
+        journal.finish()?;
+    }
     Ok(shared.stats(size, handles.len(), started))
 }
 
@@ -248,6 +338,12 @@ fn run_workers(plan: &Plan, shared: &worker::Shared, handles: &mut [HandlePair])
         let stop = shared.stop_token();
         scope.spawn(move || {
             for segment in segments::plan(start, size, segment_size) {
+                // Done by an earlier run (see the journal): counted, not
+                // copied.
+                if shared.already_done(segment) {
+                    shared.tracker.add(segment.length);
+                    continue;
+                }
                 // Stops when the workers are gone (they hold the receivers).
                 if stop.is_cancelled() || tx.send(segment).is_err() {
                     break;

@@ -172,6 +172,10 @@ fn shape(source: &Side, destination: &Side, options: &CopyOptions, cores: usize)
             )
             .with_endpoint(&source.name));
         }
+        _ if options.journal.is_some() => {
+            return Err(Error::usage("--journal needs a source that is not a pipe")
+                .with_endpoint(&source.name));
+        }
         _ => return Ok(Shape::Stream),
     };
     let start = options.source_offset;
@@ -189,6 +193,12 @@ fn shape(source: &Side, destination: &Side, options: &CopyOptions, cores: usize)
         Some(_) => return Err(past_end()),
         None => size.checked_sub(start).ok_or_else(past_end)?,
     };
+    if destination.capabilities.sequential && options.journal.is_some() {
+        return Err(
+            Error::usage("--journal needs a destination that is not a pipe")
+                .with_endpoint(&destination.name),
+        );
+    }
     if destination.capabilities.sequential && options.destination_offset != 0 {
         return Err(
             Error::usage("--destination-offset needs a destination that is not a pipe")
@@ -262,6 +272,13 @@ fn check_alignment(
 }
 
 impl Plan {
+    /// Resuming from a journal: the destination holds whatever the
+    /// interrupted run wrote, so it can no longer be taken to read as
+    /// zeroes, and holes are zeroed rather than skipped.
+    pub fn resume(&mut self) {
+        self.limits.skip_zeroes = false;
+    }
+
     /// Decide how to copy `source` to `destination` with `options` on a
     /// machine with `cores` cores. Fails if the destination is read-only
     /// or smaller than the source.
@@ -338,11 +355,15 @@ impl Plan {
             align,
             overlap: !options.synchronous && !streaming,
             use_extents: options.extents && source.capabilities.extents && !streaming,
+            // A journal records a segment once it is flushed; with retries
+            // a destination that restarts cannot lose acknowledged writes
+            // of a segment counted as done.
             flush_segments: !streaming
-                && options.flush
-                && options.retries > 0
                 && destination.capabilities.flush
-                && destination.capabilities.reconnect,
+                && (options.journal.is_some()
+                    || (options.flush
+                        && options.retries > 0
+                        && destination.capabilities.reconnect)),
             final_flush: options.flush && destination.capabilities.flush,
             retries: if streaming { 0 } else { options.retries },
             rate: options.rate,
@@ -694,15 +715,33 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Usage);
         assert!(e.to_string().contains("--destination-offset 1000"), "{e}");
         assert!(Plan::new(&src, &blocky, &r(0, 4096, Some(4096)), CORES).is_ok());
-        // A pipe source cannot take a range.
+        // A pipe source cannot take a range, nor a journal.
         let e = Plan::new(&pipe(), &dst, &r(4096, 0, None), CORES).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Usage);
+        let j = with(|o| o.journal = Some("j".into()));
+        assert!(Plan::new(&pipe(), &dst, &j, CORES).is_err());
+        assert!(Plan::new(&src, &pipe(), &j, CORES).is_err());
+        let mut p = Plan::new(&src, &null(), &j, CORES).unwrap();
+        assert!(p.limits.skip_zeroes);
+        p.resume();
+        assert!(!p.limits.skip_zeroes);
     }
 
     #[test]
     fn flushing() {
+        let journal = |o: &mut CopyOptions| o.journal = Some("j".into());
         // (destination, options) -> (flush_segments, final_flush)
         let cases: &[(Side, CopyOptions, (bool, bool))] = &[
+            // A journal records flushed segments, even on a file.
+            (file(None), with(journal), (true, true)),
+            (
+                file(None),
+                with(|o| {
+                    journal(o);
+                    o.retries = 0
+                }),
+                (true, true),
+            ),
             (nbd(Some(G), false), CopyOptions::default(), (true, true)),
             (nbd(Some(G), false), with(|o| o.retries = 0), (false, true)),
             (

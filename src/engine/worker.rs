@@ -26,6 +26,7 @@ use crate::error::{Error, ErrorKind, Result};
 use super::CopyStats;
 use super::batch::{Batch, Cursor, Limits};
 use super::extents;
+use super::journal::Journal;
 use super::plan::Plan;
 use super::progress::Tracker;
 use super::rate::RateLimiter;
@@ -75,6 +76,10 @@ pub(crate) struct Shared {
     warned_extents: AtomicBool,
     /// `--rate`: shared by all workers.
     limiter: Option<RateLimiter>,
+    /// `--journal`: where finished segments are recorded.
+    journal: Option<Arc<Journal>>,
+    /// Bytes of segments the journal said were done.
+    resumed: AtomicU64,
 }
 
 impl Shared {
@@ -93,6 +98,34 @@ impl Shared {
             first_error: FirstError::default(),
             warned_extents: AtomicBool::new(false),
             limiter: plan.rate.map(RateLimiter::new),
+            journal: None,
+            resumed: AtomicU64::new(0),
+        }
+    }
+
+    /// Record finished segments in `journal`, and skip those it has.
+    pub(crate) fn with_journal(mut self, journal: Option<Arc<Journal>>) -> Shared {
+        self.journal = journal;
+        self
+    }
+
+    /// Whether an earlier run recorded `segment` as done.
+    pub(crate) fn already_done(&self, segment: Segment) -> bool {
+        let done = self
+            .journal
+            .as_ref()
+            .is_some_and(|j| j.done().contains(&segment.offset));
+        if done {
+            self.resumed.fetch_add(segment.length, Ordering::Relaxed);
+        }
+        done
+    }
+
+    /// A segment is complete (and flushed, when journalled): record it.
+    fn segment_done(&self, segment: Segment) -> Result<()> {
+        match &self.journal {
+            Some(journal) => journal.record(segment.offset),
+            None => Ok(()),
         }
     }
 
@@ -139,6 +172,8 @@ impl Shared {
             zeroed: self.zeroed.load(Ordering::Relaxed),
             workers,
             elapsed: started.elapsed(),
+            resumed: self.resumed.load(Ordering::Relaxed),
+            already_complete: false,
         }
     }
 
@@ -271,7 +306,7 @@ fn copy_with_retries(
                 }
             });
         let failure = match outcome {
-            Ok(()) => return Ok(()),
+            Ok(()) => return shared.segment_done(segment),
             Err(f) => f,
         };
         // The segment will be counted again when it is redone. Batch

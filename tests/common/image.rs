@@ -155,8 +155,12 @@ pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
         let na = read_full(&mut fa, &mut ba);
         let nb = read_full(&mut fb, &mut bb);
         let n = na.min(nb);
-        if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
-            return Some(offset + i as u64);
+        // Slice equality is a memcmp even in a debug build; the byte loop
+        // that finds where runs only on a difference (it took 21 s a GiB).
+        if ba[..n] != bb[..n] {
+            if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
+                return Some(offset + i as u64);
+            }
         }
         if na != nb {
             return Some(offset + n as u64);

@@ -114,6 +114,11 @@ struct Args {
     #[arg(long, value_name = "N", value_parser = parse_size_arg)]
     length: Option<u64>,
 
+    /// Record finished segments in FILE; run again with the same FILE
+    /// after an interruption, copy only the rest.
+    #[arg(long, value_name = "FILE", value_parser = clap::value_parser!(std::path::PathBuf))]
+    journal: Option<std::path::PathBuf>,
+
     /// Read at most SIZE bytes of data a second from the source, across
     /// all connections.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
@@ -289,6 +294,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
     options.destination_offset = parsed.destination_offset.unwrap_or(0);
     options.length = parsed.length;
     options.rate = parsed.rate;
+    options.journal = parsed.journal;
     options
         .validate()
         .map_err(|e| usage(describe_option_error(&e)))?;
@@ -484,6 +490,15 @@ pub fn run(args: Vec<OsString>) -> i32 {
         return 128 + sig;
     }
     match result {
+        Ok(stats) if stats.already_complete => {
+            if let Some(journal) = &inv.options.journal {
+                eprintln!(
+                    "nbdcp: journal {}: the copy is already complete; nothing to do",
+                    journal.display()
+                );
+            }
+            0
+        }
         Ok(stats) => {
             if let Some(b) = &bar {
                 b.finish(Progress {
