@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
 
 /// Run nbdcp with `args` and wait for it.
 fn run(args: &[&str]) -> Output {
@@ -97,4 +97,98 @@ fn option_lists_do_not_read_server_words_or_what_follows_double_dash() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let out = run(&["--", "--long-options"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// The final line of the bar: `[###] 100% 64.00 MiB/64.00 MiB in 00:00:00, 1.2 GiB/s`.
+fn assert_final_bar_line(line: &str, size: &str) {
+    assert!(
+        line.starts_with("[#") && line.contains("#] 100% "),
+        "{line:?}"
+    );
+    assert!(
+        line.contains(&format!(" {size}/{size} in ")),
+        "no total {size}: {line:?}"
+    );
+    assert!(line.ends_with("iB/s") || line.ends_with(" B/s"), "{line:?}");
+    assert!(
+        !line.contains(['\r', '\x1b', '\t']),
+        "control characters in {line:?}"
+    );
+}
+
+#[test]
+fn progress_bar_without_a_terminal_writes_only_the_final_line() {
+    let server = Server::nbdkit(&["pattern", "64M"]);
+    for flag in ["-p", "--progress"] {
+        let out = run(&[flag, &server.uri(), "null:"]);
+        assert!(out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.split_inclusive('\n').collect();
+        assert_eq!(lines.len(), 1, "{stderr:?}");
+        let line = lines[0].strip_suffix('\n').expect("the line is ended");
+        assert_final_bar_line(line, "64.00 MiB");
+    }
+}
+
+#[test]
+fn progress_bar_of_a_stream_shows_the_bytes_copied() {
+    use std::io::Write;
+    let mut child = nbdcp()
+        .args(["-p", "-", "null:"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&vec![7u8; 3 << 20]));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert_final_bar_line(stderr.trim_end(), "3.00 MiB");
+}
+
+#[test]
+fn progress_bar_is_silent_when_nothing_was_copied() {
+    // A copy that fails before any byte moved: only the error.
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let out = run(&["-p", missing.to_str().unwrap(), "null:"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert!(stderr.starts_with("nbdcp: "), "{stderr:?}");
+}
+
+#[test]
+fn progress_bar_on_a_terminal_is_redrawn_in_place() {
+    // script(1) gives nbdcp a pseudo-terminal as its standard error.
+    require("script");
+    let server = Server::nbdkit(&["pattern", "256M"]);
+    let command = format!(
+        "'{}' -p '{}' null:",
+        env!("CARGO_BIN_EXE_nbdcp"),
+        server.uri()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Each redraw goes back to the start of the line and clears it.
+    let draws: Vec<&str> = text.split("\r\x1b[2K").collect();
+    assert!(draws.len() >= 2, "not redrawn: {text:?}");
+    assert!(
+        draws
+            .iter()
+            .any(|d| d.contains(" ETA ") && d.contains("/256.00 MiB")),
+        "no live line with the total and an ETA: {text:?}"
+    );
+    let last = draws.last().unwrap().trim_end();
+    assert_final_bar_line(last, "256.00 MiB");
 }

@@ -14,7 +14,7 @@ use nbdcp::{
 
 use crate::args::{self, Args};
 pub use crate::args::{EXIT_FAILURE, EXIT_USAGE};
-use crate::progress::{FdProgress, ProgressBar, human_bytes};
+use crate::progress::{FdProgress, Outcome, ProgressBar, human_bytes};
 use crate::signals;
 
 /// Stands for the N-th `[ CMD ... ]` group while clap parses the rest; a
@@ -226,10 +226,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
     let result = nbdcp::copy(&inv.source, &inv.destination, &inv.options);
     if let Some(sig) = signals::received() {
         if let Some(b) = &bar {
-            b.finish(Progress {
-                done: 0,
-                total: None,
-            });
+            b.finish(Outcome::Stopped);
         }
         eprintln!("nbdcp: interrupted by signal {sig}");
         return 128 + sig;
@@ -237,10 +234,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
     match result {
         Ok(stats) => {
             if let Some(b) = &bar {
-                b.finish(Progress {
-                    done: stats.bytes,
-                    total: Some(stats.bytes),
-                });
+                b.finish(Outcome::Complete(stats.bytes));
             }
             if let Some(p) = &fd_progress {
                 p.finish();
@@ -258,8 +252,8 @@ pub fn run(args: Vec<OsString>) -> i32 {
             0
         }
         Err(e) => {
-            if bar.is_some() {
-                eprintln!();
+            if let Some(b) = &bar {
+                b.finish(Outcome::Stopped);
             }
             eprintln!("nbdcp: {e}");
             if e.kind() == ErrorKind::Usage {
