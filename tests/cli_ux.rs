@@ -192,3 +192,108 @@ fn progress_bar_on_a_terminal_is_redrawn_in_place() {
     let last = draws.last().unwrap().trim_end();
     assert_final_bar_line(last, "256.00 MiB");
 }
+
+/// A file of the workspace, read whole.
+fn repo_file(path: &str) -> String {
+    let full = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()))
+}
+
+/// The long options a roff manual page mentions (`\-\-name`), once each.
+fn long_options_in_man_page(roff: &str) -> Vec<String> {
+    let text = roff.replace("\\-", "-");
+    let mut found = Vec::new();
+    for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')) {
+        if let Some(name) = word.strip_prefix("--") {
+            if name.len() > 1 && name.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
+                let option = format!("--{name}");
+                if !found.contains(&option) {
+                    found.push(option);
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn manual_page_and_long_options_name_the_same_options() {
+    let listed = stdout_lines(&run(&["--long-options"]));
+    let man = long_options_in_man_page(&repo_file("doc/nbdcp.1"));
+    for option in &man {
+        assert!(
+            listed.contains(option),
+            "{option} is in nbdcp(1), not in --long-options"
+        );
+    }
+    for option in &listed {
+        assert!(man.contains(option), "{option} is not in nbdcp(1)");
+    }
+}
+
+#[test]
+fn manual_page_has_what_a_reader_looks_for() {
+    let roff = repo_file("doc/nbdcp.1");
+    let text = roff.replace("\\-", "-");
+    for section in [
+        "NAME",
+        "SYNOPSIS",
+        "DESCRIPTION",
+        "OPTIONS",
+        "ENDPOINTS",
+        "EXIT STATUS",
+        "EXAMPLES",
+        "SEE ALSO",
+    ] {
+        assert!(
+            text.contains(&format!(".SH \"{section}\""))
+                || text.contains(&format!(".SH {section}\n")),
+            "no {section} section"
+        );
+    }
+    for endpoint in ["nbd://", "nbd+unix://", "[ CMD ARGS ... ]", "null:", "FILE"] {
+        assert!(text.contains(endpoint), "{endpoint} not described");
+    }
+    for status in ["0", "1", "2", "130, 143"] {
+        assert!(
+            text.contains(&format!("\n.B {status}\n"))
+                || text.contains(&format!("\\fB{status}\\fR")),
+            "exit status {status}"
+        );
+    }
+    // Every option has its meaning, not just its name: clap_mangen puts
+    // the help after each option's .TP line.
+    assert!(!text.contains(".TP\n.TP"), "an option without a meaning");
+    // groff reads it without a warning.
+    require("groff");
+    let out = Command::new("groff")
+        .args(["-man", "-ww", "-z"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("doc/nbdcp.1"))
+        .output()
+        .unwrap();
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+}
+
+#[test]
+fn bash_completion_completes_options() {
+    require("bash");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("completions/nbdcp.bash");
+    let complete = |word: &str| -> Vec<String> {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source '{}' && COMP_WORDS=(nbdcp {word}) COMP_CWORD=1 && _nbdcp nbdcp {word} nbdcp && printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+                script.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        stdout_lines(&out)
+    };
+    assert_eq!(complete("--all"), ["--allocated"]);
+    assert_eq!(complete("--target"), ["--target-is-zero"]);
+    let long = complete("--");
+    for option in stdout_lines(&run(&["--long-options"])) {
+        assert!(long.contains(&option), "{option} not completed: {long:?}");
+    }
+}

@@ -23,8 +23,6 @@ const ABOUT: &str = "Copy a disk image between NBD servers, files, block devices
 
 /// The manual's DESCRIPTION, and the top of `--help`.
 const DESCRIPTION: &str = "\
-Copy a disk image between NBD servers, files, block devices and pipes.
-
 nbdcp copies the whole of SOURCE to DESTINATION. Either may be an NBD \
 server, given by URI or started by nbdcp from a command between brackets, a \
 local file or block device, or a pipe; the destination may also be null:, \
@@ -43,7 +41,11 @@ multi-conn.
 A destination file is created, or truncated and sized to the source; a \
 destination NBD server or block device must be at least as large. Unless \
 --no-flush is given the destination is flushed at the end, so that success \
-means the data is on stable storage.";
+means the data is on stable storage.
+
+Sizes (SIZE) are a number of bytes with an optional suffix K, M, G, T, P \
+or E, powers of 1024 (256K, 1M). Options end at --; the words between [ \
+and ] are never options of nbdcp's.";
 
 /// After the options in `-h`.
 const AFTER_HELP: &str = "\
@@ -161,7 +163,7 @@ pub const SEE_ALSO: &str = "nbdcopy(1), nbdkit(1), qemu-nbd(8), qemu-img(1), nbd
 #[derive(Parser, Debug)]
 #[command(
     name = "nbdcp",
-    version,
+    version = nbdcp::VERSION,
     about = ABOUT,
     long_about = DESCRIPTION,
     after_help = AFTER_HELP,
@@ -244,6 +246,9 @@ pub struct Args {
     pub request_size: Option<u64>,
 
     /// Requests in flight per connection.
+    ///
+    /// Enough for a server to work on several at once; the bytes they carry
+    /// are bounded by --queue-size as well.
     #[arg(short = 'R', long, value_name = "N", default_value_t = nbdcp::DEFAULT_REQUESTS, value_parser = parse_positive)]
     pub requests: usize,
 
@@ -319,7 +324,6 @@ fn after_long_help() -> String {
     list("Exit status", EXIT_STATUS);
     list("Examples", EXAMPLES);
     list("Environment", ENVIRONMENT);
-    out.push_str("Sizes take K, M, G, T suffixes (powers of 1024).\n");
     out.push_str(&format!("See nbdcp(1), and also {SEE_ALSO}."));
     out
 }
