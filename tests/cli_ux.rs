@@ -297,3 +297,329 @@ fn bash_completion_completes_options() {
         assert!(long.contains(&option), "{option} not completed: {long:?}");
     }
 }
+
+/// nbdcopy 1.24's long options: those of its manual page, and the two it
+/// prints for shell completion without documenting them.
+const NBDCOPY_1_24_LONG_OPTIONS: &[&str] = &[
+    "--allocated",
+    "--blkhash",
+    "--blkhash-file",
+    "--connections",
+    "--destination-is-zero",
+    "--flush",
+    "--help",
+    "--no-extents",
+    "--progress",
+    "--queue-size",
+    "--request-size",
+    "--requests",
+    "--sparse",
+    "--synchronous",
+    "--target-is-zero",
+    "--threads",
+    "--verbose",
+    "--version",
+    "--long-options",
+    "--short-options",
+];
+
+/// nbdcopy 1.24's short options (`C:pR:S:T:vV`) and the long option each
+/// stands for.
+const NBDCOPY_1_24_SHORT_OPTIONS: &[(&str, &str)] = &[
+    ("-C", "--connections"),
+    ("-p", "--progress"),
+    ("-R", "--requests"),
+    ("-S", "--sparse"),
+    ("-T", "--threads"),
+    ("-v", "--verbose"),
+    ("-V", "--version"),
+];
+
+/// The options README.md's "Differences from nbdcopy 1.24" table lists:
+/// the first code span of each row, up to `=` or `[`.
+fn options_readme_lists_as_differing() -> Vec<String> {
+    let readme = repo_file("README.md");
+    let start = readme
+        .find("### Differences from nbdcopy 1.24")
+        .expect("README.md has a 'Differences from nbdcopy 1.24' section");
+    let section = &readme[start..];
+    let table = section
+        .lines()
+        .skip(1)
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2); // the header and its rule
+    table
+        .map(|row| {
+            let cell = row.split('|').nth(1).unwrap_or_default();
+            let code = cell.split('`').nth(1).unwrap_or_default();
+            code.split(['=', '[', ' '])
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// `nbdcp -v ARGS` from nbdkit `memory SIZE` to `null:`: the number of
+/// workers it says it used.
+fn workers_used(args: &[&str]) -> usize {
+    let server = Server::nbdkit(&["memory", "256M"]);
+    let uri = server.uri();
+    let mut all = vec!["-v"];
+    all.extend_from_slice(args);
+    all.extend([uri.as_str(), "null:"]);
+    let out = run(&all);
+    assert!(out.status.success(), "{all:?}: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let words: Vec<&str> = stderr.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| *w == "worker(s)")
+        .unwrap_or_else(|| panic!("-v does not say the workers: {stderr}"));
+    words[at - 1].parse().unwrap()
+}
+
+/// Copy an nbdkit `memory 8M` disk (all holes) to a file with `args` and
+/// return the bytes the file has allocated.
+fn allocated_after_copy(args: &[&str]) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let server = Server::nbdkit(&["memory", "8M"]);
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.img");
+    let uri = server.uri();
+    let mut all = args.to_vec();
+    all.extend([uri.as_str(), out_path.to_str().unwrap()]);
+    let out = run(&all);
+    assert!(out.status.success(), "{all:?}: {out:?}");
+    let meta = std::fs::metadata(&out_path).unwrap();
+    assert_eq!(meta.len(), 8 << 20);
+    meta.blocks() * 512
+}
+
+/// The nbdkit log filter's lines for a copy from `memory 8M` with `args`
+/// to `null:`, with the log on `dir`.
+fn nbdkit_log_of_copy(args: &[&str], to_server: bool) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("nbdkit.log");
+    let logfile = format!("logfile={}", log.display());
+    let logged = Server::nbdkit(&["--filter=log", "memory", "8M", &logfile]);
+    let other = Server::nbdkit(&["memory", "8M"]);
+    let (src, dst) = if to_server {
+        (other.uri(), logged.uri())
+    } else {
+        (logged.uri(), "null:".to_owned())
+    };
+    let mut all = args.to_vec();
+    all.extend([src.as_str(), dst.as_str()]);
+    let out = run(&all);
+    assert!(out.status.success(), "{all:?}: {out:?}");
+    std::fs::read_to_string(&log).unwrap_or_default()
+}
+
+/// The largest `count=` of the log's requests named `request`.
+fn largest_request(log: &str, request: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains(&format!(" {request} id=")))
+        .filter_map(|l| l.split("count=0x").nth(1))
+        .filter_map(|c| u64::from_str_radix(c.split_whitespace().next()?, 16).ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Check that nbdcp gives `option` nbdcopy's meaning, by what a copy with
+/// it does where that can be seen from outside.
+fn check_same_meaning(option: &str) {
+    let usage_error = |args: &[&str]| {
+        let out = run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?} must be refused: {out:?}"
+        );
+    };
+    match option {
+        "--allocated" => {
+            assert!(allocated_after_copy(&[]) < 1 << 20, "holes by default");
+            assert!(allocated_after_copy(&["--allocated"]) >= 8 << 20);
+        }
+        "--connections" => {
+            assert_eq!(workers_used(&["--connections=1", "-T", "4"]), 1);
+            assert_eq!(workers_used(&["--connections", "2", "-T", "4"]), 2);
+            usage_error(&["--connections=0", "a", "b"]);
+        }
+        "--threads" => {
+            assert_eq!(workers_used(&["--threads=1", "-C", "4"]), 1);
+            assert_eq!(workers_used(&["--threads=2", "-C", "4"]), 2);
+        }
+        "--synchronous" => {
+            assert_eq!(workers_used(&["--synchronous", "-C", "4", "-T", "4"]), 1);
+        }
+        "--destination-is-zero" | "--target-is-zero" => {
+            // A disk of zeroes copied over data: with the option nothing
+            // is sent, so the data stays.
+            let dest = Server::nbdkit(&["memory", "1M"]);
+            let zeroes = Server::nbdkit(&["memory", "1M"]);
+            let pattern = Server::nbdkit(&["pattern", "1M"]);
+            let dir = tempfile::tempdir().unwrap();
+            let back = dir.path().join("back.img");
+            let copy = |args: &[&str]| {
+                let out = run(args);
+                assert!(out.status.success(), "{args:?}: {out:?}");
+            };
+            let readback = || {
+                copy(&[&dest.uri(), back.to_str().unwrap()]);
+                std::fs::read(&back).unwrap()
+            };
+            copy(&[&pattern.uri(), &dest.uri()]);
+            let data = readback();
+            assert!(data.iter().any(|&b| b != 0));
+            copy(&[option, &zeroes.uri(), &dest.uri()]);
+            assert_eq!(readback(), data, "{option} zeroed the destination");
+            copy(&[&zeroes.uri(), &dest.uri()]);
+            assert!(
+                readback().iter().all(|&b| b == 0),
+                "not zeroed without {option}"
+            );
+        }
+        "--flush" => {
+            let log = nbdkit_log_of_copy(&["--flush"], true);
+            assert!(log.contains(" Flush id="), "--flush did not flush:\n{log}");
+            let log = nbdkit_log_of_copy(&["--no-flush"], true);
+            assert!(!log.contains(" Flush id="), "--no-flush flushed:\n{log}");
+        }
+        "--no-extents" => {
+            let log = nbdkit_log_of_copy(&[], false);
+            assert!(
+                log.contains(" Extents id="),
+                "no block status asked:\n{log}"
+            );
+            let log = nbdkit_log_of_copy(&["--no-extents"], false);
+            assert!(!log.contains(" Extents id="), "--no-extents asked:\n{log}");
+            assert!(log.contains(" Read id="));
+        }
+        "--request-size" => {
+            let log = nbdkit_log_of_copy(&["--no-extents", "--request-size=65536"], false);
+            assert_eq!(largest_request(&log, "Read"), 65536, "{log}");
+            let log = nbdkit_log_of_copy(&["--no-extents", "--request-size", "128K"], false);
+            assert_eq!(largest_request(&log, "Read"), 128 << 10, "{log}");
+            usage_error(&["--request-size=3000", "a", "b"]);
+        }
+        "--queue-size" => {
+            // Bytes in flight cannot be seen from outside; it is taken,
+            // and refused below the request size as nbdcopy's sizes it.
+            nbdkit_log_of_copy(&["--queue-size=1048576"], false);
+            usage_error(&["--queue-size=64K", "--request-size=1M", "a", "b"]);
+        }
+        "--requests" => {
+            nbdkit_log_of_copy(&["--requests=1"], false);
+            nbdkit_log_of_copy(&["--requests", "8"], false);
+            usage_error(&["--requests=0", "a", "b"]);
+        }
+        "--sparse" => {
+            // Read as data (no extents), zero blocks still become holes,
+            // unless detection is off.
+            assert!(allocated_after_copy(&["--no-extents", "--sparse=4096"]) < 1 << 20);
+            assert!(allocated_after_copy(&["--no-extents", "--sparse=0"]) >= 8 << 20);
+        }
+        "--progress" => {
+            let server = Server::nbdkit(&["pattern", "4M"]);
+            let out = run(&["--progress", &server.uri(), "null:"]);
+            assert!(out.status.success(), "{out:?}");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("] 100% "));
+            // --progress=FD: N/100 lines from 0/100 to 100/100.
+            let dir = tempfile::tempdir().unwrap();
+            let lines = dir.path().join("progress");
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "'{}' --progress=3 '{}' null: 3>'{}'",
+                    env!("CARGO_BIN_EXE_nbdcp"),
+                    server.uri(),
+                    lines.display()
+                ))
+                .env_remove("RUST_LOG")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let text = std::fs::read_to_string(&lines).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.first(), Some(&"0/100"), "{text}");
+            assert_eq!(lines.last(), Some(&"100/100"), "{text}");
+            assert!(lines.iter().all(|l| l.ends_with("/100")), "{text}");
+            // As with getopt, a value must follow '=': `--progress 3` is
+            // a bar and an endpoint named 3.
+            usage_error(&["--progress", "3", "a", "b"]);
+        }
+        "--verbose" => {
+            let server = Server::nbdkit(&["memory", "1M"]);
+            let quiet = run(&[&server.uri(), "null:"]);
+            assert!(
+                quiet.status.success() && quiet.stderr.is_empty(),
+                "{quiet:?}"
+            );
+            let verbose = run(&["--verbose", &server.uri(), "null:"]);
+            assert!(verbose.status.success(), "{verbose:?}");
+            assert!(String::from_utf8_lossy(&verbose.stderr).contains("copied"));
+        }
+        "--help" => {
+            let out = run(&["--help"]);
+            assert_eq!(out.status.code(), Some(0));
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("Usage: nbdcp") && text.contains("--connections"));
+        }
+        "--version" => {
+            let out = run(&["--version"]);
+            assert_eq!(out.status.code(), Some(0));
+            assert!(String::from_utf8_lossy(&out.stdout).starts_with("nbdcp "));
+        }
+        "--long-options" | "--short-options" => {
+            let out = run(&[option]);
+            assert_eq!(out.status.code(), Some(0));
+            assert!(!stdout_lines(&out).is_empty());
+        }
+        other => panic!(
+            "no check that {other} means what nbdcopy's does: add one here, or list it in \
+             README.md's 'Differences from nbdcopy 1.24' with the reason"
+        ),
+    }
+}
+
+#[test]
+fn nbdcopy_options_are_taken_with_the_same_meaning_or_listed_in_readme() {
+    require("nbdkit");
+    let differing = options_readme_lists_as_differing();
+    assert!(!differing.is_empty(), "README's table lists no option");
+    for option in &differing {
+        assert!(
+            NBDCOPY_1_24_LONG_OPTIONS.contains(&option.as_str()),
+            "README lists {option:?}, which is not an nbdcopy 1.24 option"
+        );
+    }
+    let long = stdout_lines(&run(&["--long-options"]));
+    for &option in NBDCOPY_1_24_LONG_OPTIONS {
+        if differing.iter().any(|d| d == option) {
+            continue;
+        }
+        assert!(
+            long.iter().any(|l| l == option) || option.ends_with("-options"),
+            "nbdcp does not take nbdcopy's {option}"
+        );
+        check_same_meaning(option);
+    }
+    let short = stdout_lines(&run(&["--short-options"]));
+    let help = String::from_utf8_lossy(&run(&["--help"]).stdout).into_owned();
+    for &(option, long) in NBDCOPY_1_24_SHORT_OPTIONS {
+        assert!(
+            short.iter().any(|s| s == option),
+            "nbdcp does not take {option}"
+        );
+        assert!(
+            help.contains(&format!("{option}, {long}")),
+            "{option} is not {long} in --help"
+        );
+    }
+    // Short options stand for the same thing when used.
+    assert_eq!(workers_used(&["-C", "1", "-T", "4"]), 1);
+    assert_eq!(workers_used(&["-T1", "-C", "4"]), 1);
+}

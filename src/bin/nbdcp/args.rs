@@ -44,8 +44,9 @@ destination NBD server or block device must be at least as large. Unless \
 means the data is on stable storage.
 
 Sizes (SIZE) are a number of bytes with an optional suffix K, M, G, T, P \
-or E, powers of 1024 (256K, 1M). Options end at --; the words between [ \
-and ] are never options of nbdcp's.";
+or E, powers of 1024 (256K, 1M). A long option may be shortened to any \
+prefix that no other option starts with, as getopt allows. Options end at \
+--; the words between [ and ] are never options of nbdcp's.";
 
 /// After the options in `-h`.
 const AFTER_HELP: &str = "\
@@ -168,6 +169,9 @@ pub const SEE_ALSO: &str = "nbdcopy(1), nbdkit(1), qemu-nbd(8), qemu-img(1), nbd
     long_about = DESCRIPTION,
     after_help = AFTER_HELP,
     after_long_help = after_long_help(),
+    // As getopt_long: `--alloc` for `--allocated`, if no other option
+    // starts so.
+    infer_long_args = true,
 )]
 pub struct Args {
     /// Leave the destination fully allocated (no holes).

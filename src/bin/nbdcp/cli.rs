@@ -414,6 +414,29 @@ mod tests {
     }
 
     #[test]
+    fn long_options_may_be_abbreviated_as_getopt_allows() {
+        let inv = parse(args(&["--alloc", "--target", "--conn=2", "a", "b"])).unwrap();
+        assert!(inv.options.allocated && inv.options.destination_is_zero);
+        assert_eq!(inv.options.connections, 2);
+        // An exact name wins over a longer one it begins.
+        assert_eq!(
+            parse(args(&["--requests=3", "a", "b"]))
+                .unwrap()
+                .options
+                .requests,
+            3
+        );
+        // Ambiguous: --requests or --request-size; --no-flush or --no-extents.
+        for bad in ["--request=3", "--no"] {
+            assert_eq!(
+                parse(args(&[bad, "a", "b"])).unwrap_err().1,
+                EXIT_USAGE,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn progress_forms() {
         assert_eq!(parse(args(&["-p", "a", "b"])).unwrap().progress, Some(None));
         assert_eq!(
