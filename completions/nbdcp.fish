@@ -1,12 +1,12 @@
-complete -c nbdcp -s C -l connections -d 'Connections to each NBD endpoint (workers for other kinds)' -r
-complete -c nbdcp -s p -l progress -d 'Show a progress bar, or with =FD write "N/100" lines to FD' -r
-complete -c nbdcp -l queue-size -d 'Bytes of data in flight per connection' -r
-complete -c nbdcp -l request-size -d 'Largest request, a power of two from 4K to 32M [default: 1M on NBD Unix sockets, 256K otherwise]' -r
-complete -c nbdcp -s R -l requests -d 'Requests in flight per connection' -r
-complete -c nbdcp -s S -l sparse -d 'Detect runs of zero bytes of this size in data (0 turns it off)' -r
-complete -c nbdcp -s T -l threads -d 'Most workers (0: the number of cores, plus one when the source is an NBD server)' -r
-complete -c nbdcp -l timeout -d 'Fail an NBD request that takes longer than this many seconds' -r
-complete -c nbdcp -l retries -d 'Retry a segment this many times after a dropped or stalled NBD connection, reconnecting first (0: never)' -r
+complete -c nbdcp -s C -l connections -d 'Connections to each NBD endpoint (workers for other kinds)' -r -f
+complete -c nbdcp -s p -l progress -d 'Show a progress bar, or with =FD write "N/100" lines to FD' -r -f
+complete -c nbdcp -l queue-size -d 'Bytes of data in flight per connection' -r -f
+complete -c nbdcp -l request-size -d 'Largest request, a power of two from 4K to 32M [default: 1M on NBD Unix sockets, 256K otherwise]' -r -f
+complete -c nbdcp -s R -l requests -d 'Requests in flight per connection' -r -f
+complete -c nbdcp -s S -l sparse -d 'Detect runs of zero bytes of this size in data (0 turns it off)' -r -f
+complete -c nbdcp -s T -l threads -d 'Most workers (0: the number of cores, plus one when the source is an NBD server)' -r -f
+complete -c nbdcp -l timeout -d 'Fail an NBD request that takes longer than this many seconds' -r -f
+complete -c nbdcp -l retries -d 'Retry a segment this many times after a dropped or stalled NBD connection, reconnecting first (0: never)' -r -f
 complete -c nbdcp -l allocated -d 'Leave the destination fully allocated (no holes)'
 complete -c nbdcp -l destination-is-zero -l target-is-zero -d 'The destination already reads as zeroes: skip zeroing it'
 complete -c nbdcp -l flush -d 'Flush the destination at the end (the default)'

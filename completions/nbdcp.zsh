@@ -15,20 +15,20 @@ _nbdcp() {
 
     local context curcontext="$curcontext" state line
     _arguments "${_arguments_options[@]}" : \
-'-C+[Connections to each NBD endpoint (workers for other kinds)]:N:_default' \
-'--connections=[Connections to each NBD endpoint (workers for other kinds)]:N:_default' \
-'-p+[Show a progress bar, or with =FD write "N/100" lines to FD]::FD:_default' \
-'--progress=[Show a progress bar, or with =FD write "N/100" lines to FD]::FD:_default' \
-'--queue-size=[Bytes of data in flight per connection]:SIZE:_default' \
-'--request-size=[Largest request, a power of two from 4K to 32M \[default\: 1M on NBD Unix sockets, 256K otherwise\]]:SIZE:_default' \
-'-R+[Requests in flight per connection]:N:_default' \
-'--requests=[Requests in flight per connection]:N:_default' \
-'-S+[Detect runs of zero bytes of this size in data (0 turns it off)]:SIZE:_default' \
-'--sparse=[Detect runs of zero bytes of this size in data (0 turns it off)]:SIZE:_default' \
-'-T+[Most workers (0\: the number of cores, plus one when the source is an NBD server)]:N:_default' \
-'--threads=[Most workers (0\: the number of cores, plus one when the source is an NBD server)]:N:_default' \
-'--timeout=[Fail an NBD request that takes longer than this many seconds]:SECONDS:_default' \
-'--retries=[Retry a segment this many times after a dropped or stalled NBD connection, reconnecting first (0\: never)]:N:_default' \
+'-C+[Connections to each NBD endpoint (workers for other kinds)]:N:' \
+'--connections=[Connections to each NBD endpoint (workers for other kinds)]:N:' \
+'-p+[Show a progress bar, or with =FD write "N/100" lines to FD]::FD:' \
+'--progress=[Show a progress bar, or with =FD write "N/100" lines to FD]::FD:' \
+'--queue-size=[Bytes of data in flight per connection]:SIZE:' \
+'--request-size=[Largest request, a power of two from 4K to 32M \[default\: 1M on NBD Unix sockets, 256K otherwise\]]:SIZE:' \
+'-R+[Requests in flight per connection]:N:' \
+'--requests=[Requests in flight per connection]:N:' \
+'-S+[Detect runs of zero bytes of this size in data (0 turns it off)]:SIZE:' \
+'--sparse=[Detect runs of zero bytes of this size in data (0 turns it off)]:SIZE:' \
+'-T+[Most workers (0\: the number of cores, plus one when the source is an NBD server)]:N:' \
+'--threads=[Most workers (0\: the number of cores, plus one when the source is an NBD server)]:N:' \
+'--timeout=[Fail an NBD request that takes longer than this many seconds]:SECONDS:' \
+'--retries=[Retry a segment this many times after a dropped or stalled NBD connection, reconnecting first (0\: never)]:N:' \
 '--allocated[Leave the destination fully allocated (no holes)]' \
 '--destination-is-zero[The destination already reads as zeroes\: skip zeroing it]' \
 '--target-is-zero[The destination already reads as zeroes\: skip zeroing it]' \

@@ -161,6 +161,8 @@ pub const EXAMPLES: &[(&str, &str)] = &[
 pub const SEE_ALSO: &str = "nbdcopy(1), nbdkit(1), qemu-nbd(8), qemu-img(1), nbdinfo(1)";
 
 /// The options; the order here is the order of `--help` and the manual.
+/// Numbers are `ValueHint::Other`, so that shells do not offer file names
+/// for them.
 #[derive(Parser, Debug)]
 #[command(
     name = "nbdcp",
@@ -188,7 +190,7 @@ pub struct Args {
     /// A server subprocess gets extra connections only if it advertises
     /// multi-conn; extra connections to a server that serves one client at
     /// a time are given up on, and the copy goes on with those it has.
-    #[arg(short = 'C', long, value_name = "N", default_value_t = nbdcp::DEFAULT_CONNECTIONS, value_parser = parse_positive)]
+    #[arg(short = 'C', long, value_name = "N", value_hint = ValueHint::Other, default_value_t = nbdcp::DEFAULT_CONNECTIONS, value_parser = parse_positive)]
     pub connections: usize,
 
     /// The destination already reads as zeroes: skip zeroing it.
@@ -231,13 +233,13 @@ pub struct Args {
     /// --progress=FD writes the line 0/100 to the open file descriptor FD
     /// first, a line N/100 each time the percentage grows, and 100/100 when
     /// the copy is complete, for another program to read.
-    #[arg(short = 'p', long, value_name = "FD", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    #[arg(short = 'p', long, value_name = "FD", value_hint = ValueHint::Other, num_args = 0..=1, require_equals = true, default_missing_value = "")]
     pub progress: Option<String>,
 
     /// Bytes of data in flight per connection.
     ///
     /// At least the request size. Takes K, M and G suffixes.
-    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", value_hint = ValueHint::Other, default_value = "16M", value_parser = parse_size_arg)]
     pub queue_size: u64,
 
     /// Largest request, a power of two from 4K to 32M [default: 1M on NBD
@@ -246,21 +248,21 @@ pub struct Args {
     /// Unset, it is 1M when an NBD endpoint is on a Unix socket and neither
     /// is on TCP, and 256K otherwise, as nbdcopy's default. Takes K and M
     /// suffixes.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", value_hint = ValueHint::Other, value_parser = parse_size_arg)]
     pub request_size: Option<u64>,
 
     /// Requests in flight per connection.
     ///
     /// Enough for a server to work on several at once; the bytes they carry
     /// are bounded by --queue-size as well.
-    #[arg(short = 'R', long, value_name = "N", default_value_t = nbdcp::DEFAULT_REQUESTS, value_parser = parse_positive)]
+    #[arg(short = 'R', long, value_name = "N", value_hint = ValueHint::Other, default_value_t = nbdcp::DEFAULT_REQUESTS, value_parser = parse_positive)]
     pub requests: usize,
 
     /// Detect runs of zero bytes of this size in data (0 turns it off).
     ///
     /// Data is scanned in blocks of SIZE, a power of two of at least 512;
     /// blocks of zero bytes are sent as zero requests or left as holes.
-    #[arg(short = 'S', long, value_name = "SIZE", default_value = "4096", value_parser = parse_size_arg)]
+    #[arg(short = 'S', long, value_name = "SIZE", value_hint = ValueHint::Other, default_value = "4096", value_parser = parse_size_arg)]
     pub sparse: u64,
 
     /// One connection, one request at a time.
@@ -276,14 +278,14 @@ pub struct Args {
     ///
     /// -T 1 copies with one worker. A worker that reads from a server waits
     /// for it part of the time, so one more than the cores keeps them busy.
-    #[arg(short = 'T', long, value_name = "N", default_value = "0")]
+    #[arg(short = 'T', long, value_name = "N", value_hint = ValueHint::Other, default_value = "0")]
     pub threads: usize,
 
     /// Fail an NBD request that takes longer than this many seconds.
     ///
     /// A stalled request counts as a dropped connection and is retried (see
     /// --retries). By default nbdcp waits for as long as the server takes.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    #[arg(long, value_name = "SECONDS", value_hint = ValueHint::Other, value_parser = parse_seconds)]
     pub timeout: Option<Duration>,
 
     /// Retry a segment this many times after a dropped or stalled NBD
@@ -292,7 +294,7 @@ pub struct Args {
     /// nbdcp waits 100 ms before the first reconnection, doubling up to 2 s.
     /// With retries on, each finished segment is flushed, so that a server
     /// that restarts cannot lose writes it had acknowledged.
-    #[arg(long, value_name = "N", default_value_t = nbdcp::DEFAULT_RETRIES)]
+    #[arg(long, value_name = "N", value_hint = ValueHint::Other, default_value_t = nbdcp::DEFAULT_RETRIES)]
     pub retries: u32,
 
     /// Say more (repeat for more detail).
