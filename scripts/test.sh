@@ -11,6 +11,7 @@ command -v qemu-nbd >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v nbdcopy >/dev/null 2>&1 || missing+=(libnbd-bin)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v script >/dev/null 2>&1 || missing+=(bsdutils)
+command -v groff >/dev/null 2>&1 || missing+=(groff-base)
 
 if ((${#missing[@]})); then
     echo "scripts/test.sh: installing ${missing[*]}" >&2
@@ -36,3 +37,5 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace --quiet 2>&1
 # The fuzz crate replays its seed corpus and past findings (no libFuzzer).
 (cd fuzz && cargo test --quiet 2>&1)
+# The manual page and completions are what the clap definition gives.
+cargo run --quiet -p xtask -- check

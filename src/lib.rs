@@ -136,6 +136,10 @@ pub use options::{
     DEFAULT_RETRIES, DEFAULT_SPARSE_SIZE, MAX_REQUEST_SIZE, MIN_REQUEST_SIZE, OptionError,
 };
 
+/// This library's version, which is also the version of the `nbdcp`
+/// command built from the same package.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// For a program's last-resort exit (a second Ctrl-C, a copy stuck where
 /// cancelling cannot reach): SIGKILL every NBD server subprocess this
 /// library started that is still running, with the helpers it started,

@@ -50,6 +50,15 @@ pub fn nbdcp_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_nbdcp"))
 }
 
+/// A plain `Command` for the binary, `RUST_LOG` cleared, for the few tests
+/// that must drive the process themselves (a pty, their own pipes); the
+/// rest use [`Nbdcp`] and its checkers.
+pub fn nbdcp() -> std::process::Command {
+    let mut cmd = std::process::Command::new(nbdcp_bin());
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
 /// A path as the `&str` a command line takes (test paths are UTF-8).
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")

@@ -6,7 +6,6 @@
 
 use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
 use nbdcp::{
@@ -14,177 +13,14 @@ use nbdcp::{
     Report, SideReport,
 };
 
-use crate::progress::{FdProgress, ProgressBar, human_bytes};
+use crate::args::{self, Args};
+pub use crate::args::{EXIT_FAILURE, EXIT_USAGE};
+use crate::progress::{FdProgress, Outcome, ProgressBar, human_bytes};
 use crate::signals;
-
-/// Exit status for a failed copy.
-pub const EXIT_FAILURE: i32 = 1;
-/// Exit status for a command line that could not be understood.
-pub const EXIT_USAGE: i32 = 2;
 
 /// Stands for the N-th `[ CMD ... ]` group while clap parses the rest; a
 /// NUL byte cannot come from a real argument.
 const COMMAND_MARK: &str = "\0command:";
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "nbdcp",
-    version,
-    about = "Copy a disk image between NBD servers, files, block devices and pipes",
-    after_help = "SOURCE and DESTINATION are each one of: a file or block device; '-' (stdin/stdout);\n\
-                  an NBD URI (nbd://host[:port]/export, nbd+unix:///export?socket=PATH);\n\
-                  '[ CMD ARGS ... ]', an NBD server to run with socket activation; or\n\
-                  (destination only) 'null:'. Sizes take K, M, G, T suffixes."
-)]
-struct Args {
-    /// Leave the destination fully allocated (no holes).
-    #[arg(long)]
-    allocated: bool,
-
-    /// Connections to each NBD endpoint (workers for other kinds).
-    #[arg(short = 'C', long, value_name = "N", default_value_t = nbdcp::DEFAULT_CONNECTIONS, value_parser = parse_positive)]
-    connections: usize,
-
-    /// The destination already reads as zeroes: skip zeroing it.
-    #[arg(long, visible_alias = "target-is-zero")]
-    destination_is_zero: bool,
-
-    /// Flush the destination at the end (the default).
-    #[arg(long, overrides_with = "no_flush")]
-    flush: bool,
-
-    /// Do not flush the destination at the end.
-    #[arg(long, overrides_with = "flush")]
-    no_flush: bool,
-
-    /// Do not ask the source which parts hold data; read everything.
-    #[arg(long)]
-    no_extents: bool,
-
-    /// Show a progress bar, or with =FD write "N/100" lines to FD.
-    #[arg(short = 'p', long, value_name = "FD", num_args = 0..=1, require_equals = true, default_missing_value = "")]
-    progress: Option<String>,
-
-    /// Bytes of data in flight per connection.
-    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size_arg)]
-    queue_size: u64,
-
-    /// Largest request, a power of two from 4K to 32M [default: 1M on NBD
-    /// Unix sockets, 256K otherwise].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
-    request_size: Option<u64>,
-
-    /// Requests in flight per connection.
-    #[arg(short = 'R', long, value_name = "N", default_value_t = nbdcp::DEFAULT_REQUESTS, value_parser = parse_positive)]
-    requests: usize,
-
-    /// Detect runs of zero bytes of this size in data (0 turns it off).
-    #[arg(short = 'S', long, value_name = "SIZE", default_value = "4096", value_parser = parse_size_arg)]
-    sparse: u64,
-
-    /// One connection, one request at a time.
-    #[arg(long)]
-    synchronous: bool,
-
-    /// Most workers (0: the number of cores, plus one when the source is an
-    /// NBD server).
-    #[arg(short = 'T', long, value_name = "N", default_value = "0")]
-    threads: usize,
-
-    /// Fail an NBD request that takes longer than this many seconds.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    timeout: Option<Duration>,
-
-    /// Retry a segment this many times after a dropped or stalled NBD
-    /// connection, reconnecting first (0: never).
-    #[arg(long, value_name = "N", default_value_t = nbdcp::DEFAULT_RETRIES)]
-    retries: u32,
-
-    /// Copy from this byte of the source on (as dd's skip).
-    #[arg(long, value_name = "N", value_parser = parse_size_arg)]
-    source_offset: Option<u64>,
-
-    /// Write from this byte of the destination on (as dd's seek); the
-    /// rest of the destination is left as it was.
-    #[arg(long, value_name = "N", value_parser = parse_size_arg)]
-    destination_offset: Option<u64>,
-
-    /// Copy this many bytes (as dd's count) [default: to the end of the
-    /// source].
-    #[arg(long, value_name = "N", value_parser = parse_size_arg)]
-    length: Option<u64>,
-
-    /// Record finished segments in FILE; run again with the same FILE
-    /// after an interruption, copy only the rest.
-    #[arg(long, value_name = "FILE", value_parser = clap::value_parser!(std::path::PathBuf))]
-    journal: Option<std::path::PathBuf>,
-
-    /// Read at most SIZE bytes of data a second from the source, across
-    /// all connections.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
-    rate: Option<u64>,
-
-    /// Say more (repeat for more detail).
-    #[arg(short = 'v', long, action = clap::ArgAction::Count)]
-    verbose: u8,
-
-    /// SOURCE and DESTINATION.
-    #[arg(value_names = ["SOURCE", "DESTINATION"], num_args = 2, required = true, value_parser = clap::value_parser!(OsString))]
-    endpoints: Vec<OsString>,
-}
-
-/// Parse a size such as `4096`, `256K`, `2M`, `1G` or `1GiB`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    if digits == 0 {
-        return Err(format!("'{text}' is not a size"));
-    }
-    let number: u64 = t[..digits]
-        .parse()
-        .map_err(|_| format!("'{text}' is too large"))?;
-    let suffix = &t[digits..];
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        "p" | "pb" | "pib" => 50,
-        "e" | "eb" | "eib" => 60,
-        _ => {
-            return Err(format!(
-                "'{text}' has an unknown size suffix '{suffix}' (use K, M, G, T, P or E)"
-            ));
-        }
-    };
-    number
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("'{text}' is too large"))
-}
-
-fn parse_size_arg(text: &str) -> Result<u64, String> {
-    parse_size(text)
-}
-
-fn parse_positive(text: &str) -> Result<usize, String> {
-    match text.trim().parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!("'{text}' is not a whole number")),
-    }
-}
-
-fn parse_seconds(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
-    if !(secs > 0.0 && secs.is_finite() && secs < 1e9) {
-        return Err(format!("'{text}' is not a positive number of seconds"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
 
 /// Take `[ CMD ARGS ... ]` groups out of the arguments, so that a server's
 /// own options (`-r`, `--shared=4`) are not read as nbdcp's. Each group is
@@ -239,6 +75,16 @@ pub struct Invocation {
 pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
     let (args, commands) =
         extract_commands(args).map_err(|e| (format!("nbdcp: {e}\n"), EXIT_USAGE))?;
+    // As nbdcopy's, for shell completion: one option a line on stdout,
+    // whatever else the line says. Options end at `--`.
+    for arg in args.iter().skip(1).take_while(|a| *a != "--") {
+        let list = match arg.to_str() {
+            Some("--long-options") => args::long_options(),
+            Some("--short-options") => args::short_options(),
+            _ => continue,
+        };
+        return Err((list.iter().map(|o| format!("{o}\n")).collect(), 0));
+    }
     let parsed = Args::try_parse_from(&args).map_err(|e| {
         if e.use_stderr() {
             (one_line(&e.render().to_string()), EXIT_USAGE)
@@ -481,10 +327,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
     let result = nbdcp::copy(&inv.source, &inv.destination, &inv.options);
     if let Some(sig) = signals::received() {
         if let Some(b) = &bar {
-            b.finish(Progress {
-                done: 0,
-                total: None,
-            });
+            b.finish(Outcome::Stopped);
         }
         signals::announce(sig);
         return 128 + sig;
@@ -501,10 +344,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
         }
         Ok(stats) => {
             if let Some(b) = &bar {
-                b.finish(Progress {
-                    done: stats.bytes,
-                    total: Some(stats.bytes),
-                });
+                b.finish(Outcome::Complete(stats.bytes));
             }
             if let Some(p) = &fd_progress {
                 p.finish();
@@ -522,8 +362,8 @@ pub fn run(args: Vec<OsString>) -> i32 {
             0
         }
         Err(e) => {
-            if bar.is_some() {
-                eprintln!();
+            if let Some(b) = &bar {
+                b.finish(Outcome::Stopped);
             }
             eprintln!("nbdcp: {e}");
             if e.kind() == ErrorKind::Usage {
@@ -538,6 +378,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::args::parse_size;
 
     fn args(s: &[&str]) -> Vec<OsString> {
         std::iter::once("nbdcp")
@@ -707,6 +548,29 @@ mod tests {
     }
 
     #[test]
+    fn long_options_may_be_abbreviated_as_getopt_allows() {
+        let inv = parse(args(&["--alloc", "--target", "--conn=2", "a", "b"])).unwrap();
+        assert!(inv.options.allocated && inv.options.destination_is_zero);
+        assert_eq!(inv.options.connections, 2);
+        // An exact name wins over a longer one it begins.
+        assert_eq!(
+            parse(args(&["--requests=3", "a", "b"]))
+                .unwrap()
+                .options
+                .requests,
+            3
+        );
+        // Ambiguous: --requests or --request-size; --no-flush or --no-extents.
+        for bad in ["--request=3", "--no"] {
+            assert_eq!(
+                parse(args(&[bad, "a", "b"])).unwrap_err().1,
+                EXIT_USAGE,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn progress_forms() {
         assert_eq!(parse(args(&["-p", "a", "b"])).unwrap().progress, Some(None));
         assert_eq!(
@@ -718,5 +582,56 @@ mod tests {
             Some(Some(2))
         );
         assert_eq!(parse(args(&["a", "b"])).unwrap().progress, None);
+    }
+
+    #[test]
+    fn long_and_short_options_are_listed_as_nbdcopy_lists_them() {
+        // What libnbd's test-long-options.sh and test-short-options.sh ask
+        // of nbdcopy, and more: every name and alias clap knows, once.
+        let (text, code) = parse(args(&["--long-options"])).unwrap_err();
+        assert_eq!(code, 0);
+        let long: Vec<&str> = text.lines().collect();
+        for want in [
+            "--allocated",
+            "--threads",
+            "--version",
+            "--help",
+            "--target-is-zero",
+            "--destination-is-zero",
+            "--progress",
+            "--no-flush",
+        ] {
+            assert!(long.contains(&want), "{want} missing from {long:?}");
+        }
+        assert!(!long.contains(&"--long-options") && !long.contains(&"--short-options"));
+        let (text, code) = parse(args(&["--short-options"])).unwrap_err();
+        assert_eq!(code, 0);
+        let short: Vec<&str> = text.lines().collect();
+        for want in ["-C", "-R", "-V", "-p", "-S", "-T", "-v", "-h"] {
+            assert!(short.contains(&want), "{want} missing from {short:?}");
+        }
+        for list in [&long, &short] {
+            let mut unique = list.to_vec();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(unique.len(), list.len(), "{list:?}");
+        }
+        // Every option clap accepts is listed: try each name on its own.
+        let cmd = args::command();
+        for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            if let Some(name) = arg.get_long() {
+                assert!(long.contains(&format!("--{name}").as_str()), "--{name}");
+            }
+            if let Some(c) = arg.get_short() {
+                assert!(short.contains(&format!("-{c}").as_str()), "-{c}");
+            }
+        }
+        // Listing wins over everything else on the line, as in nbdcopy.
+        assert_eq!(
+            parse(args(&["-C", "2", "--long-options", "a", "b"]))
+                .unwrap_err()
+                .1,
+            0
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! display and signal handling live here, not in the library: an
 //! embedder's process keeps its own signals and its own output.
 
+mod args;
 mod cli;
 mod progress;
 mod signals;
