@@ -26,6 +26,7 @@ mod stream;
 mod worker;
 pub mod zero;
 
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::cancel::OnCancel;
@@ -303,18 +304,70 @@ fn link_cancel(options: &CopyOptions, shared: &worker::Shared) -> OnCancel {
     options.cancel.on_cancel(move || stop.cancelled())
 }
 
-/// When the copy stops (cancelled, or a worker failed for good), break
-/// off every handle's blocked requests, so that no worker waits on a
-/// server that stopped answering.
+/// How long workers have, once the copy stops, to notice at a batch
+/// boundary before their connections are broken off. Requests a healthy
+/// server is answering then finish, so it sees clients leave politely
+/// rather than log broken pipes onto nbdcp's stderr; one that stopped
+/// answering is cut off at this point, well within the second or two a
+/// cancel may take.
+const INTERRUPT_GRACE: Duration = Duration::from_millis(500);
+
+/// Breaks off every handle's blocked requests [`INTERRUPT_GRACE`] after
+/// the copy stops (cancelled, or a worker failed for good), so that no
+/// worker waits on a server that stopped answering. Dropping it (the copy
+/// is over) disarms it.
+struct Watchdog {
+    _armed: OnCancel,
+    done: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.done;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        wake.notify_all();
+    }
+}
+
 fn interrupt_on_stop<'a>(
     shared: &worker::Shared,
     handles: impl IntoIterator<Item = &'a dyn Endpoint>,
-) -> Vec<OnCancel> {
-    handles
+) -> Watchdog {
+    let interrupters: Vec<_> = handles
         .into_iter()
         .filter_map(|h| h.interrupter())
-        .map(|i| shared.stop_token().on_cancel(move || i.interrupt()))
-        .collect()
+        .collect();
+    let interrupters = Arc::new(interrupters);
+    let done = Arc::new((Mutex::new(false), Condvar::new()));
+    let wait_on = Arc::clone(&done);
+    let armed = shared.stop_token().on_cancel(move || {
+        let (for_thread, done) = (Arc::clone(&interrupters), Arc::clone(&wait_on));
+        // A thread of its own: the stop may come from a signal thread or
+        // a worker, neither of which may sleep here.
+        let spawned = std::thread::Builder::new()
+            .name("nbdcp-interrupt".into())
+            .spawn(move || {
+                let (lock, wake) = &*done;
+                let finished = lock.lock().unwrap_or_else(|p| p.into_inner());
+                let (finished, _) = wake
+                    .wait_timeout_while(finished, INTERRUPT_GRACE, |f| !*f)
+                    .unwrap_or_else(|p| p.into_inner());
+                if !*finished {
+                    for i in for_thread.iter() {
+                        i.interrupt();
+                    }
+                }
+            });
+        if spawned.is_err() {
+            for i in interrupters.iter() {
+                i.interrupt();
+            }
+        }
+    });
+    Watchdog {
+        _armed: armed,
+        done,
+    }
 }
 
 /// Feed the segments to one thread per handle pair and wait for them all.
