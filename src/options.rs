@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::blkhash::{BlkhashSpec, MAX_BLKHASH_BLOCK_SIZE};
 use crate::cancel::CancelToken;
 use crate::endpoint::OpenOptions;
 use crate::engine::progress::ProgressFn;
@@ -76,8 +77,12 @@ pub struct CopyOptions {
     /// Times a segment is retried after a dropped or stalled connection,
     /// reconnecting first (`--retries`); 0 turns retrying off.
     pub retries: u32,
-    /// Size of the pieces the source is cut into for the workers.
+    /// Size of the pieces the source is cut into for the workers (with
+    /// a blkhash, at least one block).
     pub segment_size: u64,
+    /// Compute the blkhash of the source while copying (`--blkhash`);
+    /// it is returned in [`CopyStats::blkhash`](crate::CopyStats::blkhash).
+    pub blkhash: Option<BlkhashSpec>,
     /// Told about progress from worker threads.
     pub progress: Option<ProgressFn>,
     /// Lets another thread stop the copy.
@@ -101,6 +106,7 @@ impl Default for CopyOptions {
             timeout: None,
             retries: DEFAULT_RETRIES,
             segment_size: DEFAULT_SEGMENT_SIZE,
+            blkhash: None,
             progress: None,
             cancel: CancelToken::new(),
         }
@@ -124,6 +130,7 @@ impl fmt::Debug for CopyOptions {
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
             .field("segment_size", &self.segment_size)
+            .field("blkhash", &self.blkhash)
             .finish_non_exhaustive()
     }
 }
@@ -234,6 +241,17 @@ impl CopyOptions {
                 "must be a power of two, at least the request size",
             );
         }
+        if let Some(spec) = self.blkhash {
+            if !spec.block_size_is_valid() {
+                return invalid(
+                    "blkhash",
+                    format!(
+                        "block size must be a power of two from 1 to {MAX_BLKHASH_BLOCK_SIZE}, not {}",
+                        spec.block_size
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -286,6 +304,14 @@ mod tests {
             e.to_string(),
             "queue_size (524288) must be at least request_size (1048576)"
         );
+        let bad_block = CopyOptions {
+            blkhash: Some(BlkhashSpec::new(
+                crate::blkhash::BlkhashAlgorithm::Md5,
+                3000,
+            )),
+            ..CopyOptions::default()
+        };
+        assert_eq!(bad_block.validate().unwrap_err().field, "blkhash");
         let flags = e.describe(|f| format!("--{}", f.replace('_', "-")));
         assert_eq!(
             flags,

@@ -15,6 +15,7 @@
 //! it copies from or to.
 
 pub mod batch;
+mod blkhash;
 pub mod extents;
 pub mod plan;
 pub mod progress;
@@ -51,6 +52,8 @@ pub struct CopyStats {
     /// Wall-clock time of the copy, including opening extra connections
     /// and the final flush.
     pub elapsed: Duration,
+    /// The source's blkhash, if [`CopyOptions::blkhash`] asked for it.
+    pub blkhash: Option<crate::blkhash::Blkhash>,
 }
 
 /// Open `source` and `destination` and copy the one to the other.
@@ -111,7 +114,9 @@ pub fn copy_endpoints(
         let bytes = shared.outcome(result)?;
         let mut handles = [(source, destination)];
         finish(&plan, &shared, &mut handles)?;
-        return Ok(shared.stats(bytes, 1, started));
+        let mut stats = shared.stats(bytes, 1, started);
+        stats.blkhash = shared.blkhash(bytes)?;
+        return Ok(stats);
     };
 
     let mut handles = open_workers(source, destination, workers)?;
@@ -131,7 +136,9 @@ pub fn copy_endpoints(
         ));
     }
     finish(&plan, &shared, &mut handles)?;
-    Ok(shared.stats(size, handles.len(), started))
+    let mut stats = shared.stats(size, handles.len(), started);
+    stats.blkhash = shared.blkhash(size)?;
+    Ok(stats)
 }
 
 /// One worker's source and destination handles.

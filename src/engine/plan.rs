@@ -3,6 +3,7 @@
 //! workers, flushing. Pure: no I/O, so every rule has a table test below.
 //! The orchestration in [`super`] only reads the plan.
 
+use crate::blkhash::BlkhashSpec;
 use crate::endpoint::{BlockSize, Capabilities, Endpoint, Tuning};
 use crate::error::{Error, ErrorKind, Result};
 use crate::options::{CopyOptions, DEFAULT_REQUEST_SIZE, MAX_REQUEST_SIZE, MIN_REQUEST_SIZE};
@@ -88,6 +89,28 @@ pub struct Plan {
     pub final_flush: bool,
     /// Times a segment may be retried.
     pub retries: u32,
+    /// The blkhash to compute while copying.
+    pub blkhash: Option<BlkhashSpec>,
+}
+
+/// Most blkhash blocks in one segment: the digests of a segment being
+/// copied are held until it is done (4 MiB of md5 digests).
+const MAX_BLKHASH_BLOCKS_PER_SEGMENT: u64 = 1 << 18;
+
+/// The segment size with a blkhash: whole blocks, so that no block is
+/// shared by two segments (a segment is at least one block), and not so
+/// many blocks that a segment's digests take much memory (tiny blocks
+/// make smaller segments, never smaller than a request).
+fn segment_size(options: &CopyOptions, chunk: usize) -> u64 {
+    let Some(spec) = options.blkhash else {
+        return options.segment_size;
+    };
+    let block = spec.block_size.max(1);
+    options
+        .segment_size
+        .max(block)
+        .min(block.saturating_mul(MAX_BLKHASH_BLOCKS_PER_SEGMENT))
+        .max((chunk as u64).next_power_of_two())
 }
 
 /// The smaller of two endpoint hints, where 0 means "no preference".
@@ -217,7 +240,7 @@ impl Plan {
                 };
                 Shape::Segments {
                     size,
-                    segment_size: options.segment_size,
+                    segment_size: segment_size(options, chunk),
                     workers,
                 }
             }
@@ -237,6 +260,7 @@ impl Plan {
                 && destination.capabilities.reconnect,
             final_flush: options.flush && destination.capabilities.flush,
             retries: if streaming { 0 } else { options.retries },
+            blkhash: options.blkhash,
         })
     }
 }
@@ -533,6 +557,45 @@ mod tests {
         let mut blind = nbd(Some(G), false);
         blind.capabilities.extents = false;
         assert!(!plan(&blind, &null(), &d).use_extents);
+    }
+
+    #[test]
+    fn blkhash_blocks_are_never_split_between_segments() {
+        use crate::blkhash::{BlkhashAlgorithm, BlkhashSpec};
+        let spec = |block_size| {
+            with(|o| {
+                o.blkhash = Some(BlkhashSpec::new(BlkhashAlgorithm::Md5, block_size));
+                o.request_size = Some(256 << 10);
+            })
+        };
+        // block size -> segment size
+        let cases: &[(Option<u64>, u64)] = &[
+            (None, 128 << 20),
+            (Some(64 << 10), 128 << 20),
+            (Some(128 << 20), 128 << 20),
+            // Blocks larger than a segment: one block per segment.
+            (Some(512 << 20), 512 << 20),
+            (Some(1 << 31), 1 << 31),
+            // Tiny blocks: at most 2^18 per segment, never below a request.
+            (Some(512), 128 << 20),
+            (Some(64), 16 << 20),
+            (Some(1), 256 << 10),
+        ];
+        for (i, (block, want)) in cases.iter().enumerate() {
+            let o = match block {
+                Some(b) => spec(*b),
+                None => with(|o| o.request_size = Some(256 << 10)),
+            };
+            let p = plan(&nbd(Some(8 * G), false), &null(), &o);
+            let Shape::Segments { segment_size, .. } = p.shape else {
+                panic!("case {i}: streamed");
+            };
+            assert_eq!(segment_size, *want, "case {i}");
+            if let Some(b) = block {
+                assert_eq!(segment_size % b, 0, "case {i}");
+            }
+            assert_eq!(p.blkhash, o.blkhash, "case {i}");
+        }
     }
 
     #[test]

@@ -5,12 +5,15 @@
 //! or the server byte for byte.
 
 use std::ffi::{OsStr, OsString};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use nbdcp::{
-    CancelToken, CopyOptions, EndpointSpec, Error, ErrorKind, OptionError, Progress, ProgressFn,
+    Blkhash, BlkhashAlgorithm, BlkhashSpec, CancelToken, CopyOptions, EndpointSpec, Error,
+    ErrorKind, OptionError, Progress, ProgressFn,
 };
 
 use crate::progress::{FdProgress, ProgressBar, human_bytes};
@@ -39,6 +42,16 @@ struct Args {
     /// Leave the destination fully allocated (no holes).
     #[arg(long)]
     allocated: bool,
+
+    /// Compute the blkhash of the source while copying and print it: ALG
+    /// is md5, sha1, sha256 or sha512, SIZE the block size, a power of two
+    /// [default: sha256/64K].
+    #[arg(long, value_name = "ALG[/SIZE]", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    blkhash: Option<String>,
+
+    /// Write the blkhash to FILE instead of standard output.
+    #[arg(long, value_name = "FILE", value_parser = clap::value_parser!(OsString))]
+    blkhash_file: Option<OsString>,
 
     /// Connections to each NBD endpoint (workers for other kinds).
     #[arg(short = 'C', long, value_name = "N", default_value_t = nbdcp::DEFAULT_CONNECTIONS, value_parser = parse_positive)]
@@ -142,6 +155,32 @@ fn parse_size_arg(text: &str) -> Result<u64, String> {
     parse_size(text)
 }
 
+/// Parse `--blkhash`'s value as nbdcopy does: empty for sha256/64K, else
+/// `ALG` or `ALG/SIZE` (the algorithm's name in any case).
+pub fn parse_blkhash(text: &str) -> Result<BlkhashSpec, String> {
+    if text.is_empty() {
+        return Ok(BlkhashSpec::default());
+    }
+    let (name, size) = match text.split_once('/') {
+        Some((name, size)) => (name, Some(size)),
+        None => (text, None),
+    };
+    const NAMES: &str = "md5, sha1, sha256 or sha512";
+    if name.is_empty() {
+        return Err(format!(
+            "--blkhash={text}: name the digest before the block size ({NAMES})"
+        ));
+    }
+    let algorithm = BlkhashAlgorithm::from_name(name).ok_or_else(|| {
+        format!("--blkhash={text}: unknown digest algorithm '{name}' (use {NAMES})")
+    })?;
+    let block_size = match size {
+        None => nbdcp::DEFAULT_BLKHASH_BLOCK_SIZE,
+        Some(size) => parse_size(size).map_err(|e| format!("--blkhash={text}: {e}"))?,
+    };
+    Ok(BlkhashSpec::new(algorithm, block_size))
+}
+
 fn parse_positive(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
@@ -207,6 +246,8 @@ pub struct Invocation {
     pub progress: Option<Option<i32>>,
     /// `-v` count.
     pub verbose: u8,
+    /// `--blkhash-file`: where the blkhash goes instead of stdout.
+    pub blkhash_file: Option<PathBuf>,
 }
 
 /// Parse the command line (including the program name). `Err` carries
@@ -261,18 +302,33 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
     options.synchronous = parsed.synchronous;
     options.timeout = parsed.timeout;
     options.retries = parsed.retries;
+    options.blkhash = parsed
+        .blkhash
+        .as_deref()
+        .map(parse_blkhash)
+        .transpose()
+        .map_err(usage)?;
     options
         .validate()
         .map_err(|e| usage(describe_option_error(&e)))?;
     let source = spec(&parsed.endpoints[0]);
     let destination = spec(&parsed.endpoints[1]);
     nbdcp::endpoint::check_distinct(&source, &destination).map_err(|e| usage(e.to_string()))?;
+    // As nbdcopy, --blkhash-file without --blkhash is ignored.
+    let blkhash_file = parsed.blkhash_file.map(PathBuf::from);
+    if options.blkhash.is_some() && blkhash_file.is_none() && destination == EndpointSpec::Stdio {
+        return Err(usage(
+            "--blkhash: the copy goes to standard output; name a --blkhash-file for the blkhash"
+                .into(),
+        ));
+    }
     Ok(Invocation {
         source,
         destination,
         options,
         progress,
         verbose: parsed.verbose,
+        blkhash_file,
     })
 }
 
@@ -285,6 +341,7 @@ fn flag_of(field: &'static str) -> String {
         "request_size" => "--request-size",
         "queue_size" => "--queue-size",
         "sparse_size" => "--sparse",
+        "blkhash" => "--blkhash",
         // Not settable from the command line (the segment size).
         other => other,
     }
@@ -295,6 +352,20 @@ fn flag_of(field: &'static str) -> String {
 /// library's field names.
 fn describe_option_error(e: &OptionError) -> String {
     e.describe(flag_of)
+}
+
+/// Print the blkhash as nbdcopy does, in lower-case hex and a newline, to
+/// `file` (created or truncated) or standard output.
+fn write_blkhash(hash: &Blkhash, file: Option<&Path>) -> std::io::Result<()> {
+    let line = format!("{hash}\n");
+    match file {
+        Some(path) => std::fs::write(path, line),
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(line.as_bytes())?;
+            out.flush()
+        }
+    }
 }
 
 /// Run nbdcp with `args` (including the program name); returns the exit
@@ -374,6 +445,14 @@ pub fn run(args: Vec<OsString>) -> i32 {
             }
             if let Some(p) = &fd_progress {
                 p.finish();
+            }
+            if let Some(hash) = &stats.blkhash {
+                let file = inv.blkhash_file.as_deref();
+                if let Err(e) = write_blkhash(hash, file) {
+                    let to = file.map_or("standard output".into(), |f| f.display().to_string());
+                    eprintln!("nbdcp: writing the blkhash to {to}: {e}");
+                    return EXIT_FAILURE;
+                }
             }
             let secs = stats.elapsed.as_secs_f64().max(1e-9);
             log::info!(
@@ -521,6 +600,13 @@ mod tests {
             &["-", "-"],
             &["null:", "b"],
             &["--progress=99999", "a", "b"],
+            &["--blkhash=sha3", "a", "b"],
+            &["--blkhash=/1M", "a", "b"],
+            &["--blkhash=md5/3", "a", "b"],
+            &["--blkhash=md5/", "a", "b"],
+            &["--blkhash=sha256/8G", "a", "b"],
+            &["--blkhash=md5/1X", "a", "b"],
+            &["--blkhash", "a", "-"],
         ] {
             let err = parse(args(bad)).expect_err(&format!("{bad:?} must fail"));
             assert_eq!(err.1, EXIT_USAGE, "{bad:?}: {}", err.0);
@@ -546,6 +632,50 @@ mod tests {
         assert_eq!(inv.destination, EndpointSpec::Path("out.img".into()));
         assert!(parse(args(&["[", "qemu-nbd", "a"])).is_err());
         assert!(parse(args(&["[", "]", "a"])).is_err());
+    }
+
+    #[test]
+    fn blkhash_forms() {
+        use nbdcp::BlkhashAlgorithm::*;
+        let spec = |a: &[&str]| parse(args(a)).unwrap().options.blkhash;
+        assert_eq!(spec(&["a", "b"]), None);
+        assert_eq!(
+            spec(&["--blkhash", "a", "b"]),
+            Some(BlkhashSpec::new(Sha256, 65536))
+        );
+        assert_eq!(
+            spec(&["--blkhash=", "a", "b"]),
+            Some(BlkhashSpec::new(Sha256, 65536))
+        );
+        assert_eq!(
+            spec(&["--blkhash=sha512", "a", "b"]),
+            Some(BlkhashSpec::new(Sha512, 65536))
+        );
+        assert_eq!(
+            spec(&["--blkhash=MD5/4", "a", "b"]),
+            Some(BlkhashSpec::new(Md5, 4))
+        );
+        assert_eq!(
+            spec(&["--blkhash=sha1/1M", "a", "b"]),
+            Some(BlkhashSpec::new(Sha1, 1 << 20))
+        );
+        assert_eq!(
+            spec(&["--blkhash=sha512/512k", "a", "b"]),
+            Some(BlkhashSpec::new(Sha512, 512 << 10))
+        );
+        // The value must be attached: a following word is an endpoint.
+        let inv = parse(args(&["--blkhash", "md5", "b"])).unwrap();
+        assert_eq!(inv.source, EndpointSpec::Path("md5".into()));
+        // Standard output is the copy's: the hash goes to a file then.
+        let inv = parse(args(&["--blkhash", "--blkhash-file=h", "a", "-"])).unwrap();
+        assert_eq!(inv.blkhash_file, Some(PathBuf::from("h")));
+        let msg = |a: &[&str]| parse(args(a)).unwrap_err().0;
+        assert!(msg(&["--blkhash=sha3", "a", "b"]).contains("unknown digest algorithm 'sha3'"));
+        assert!(
+            msg(&["--blkhash=md5/3", "a", "b"])
+                .contains("--blkhash block size must be a power of two")
+        );
+        assert!(msg(&["--blkhash", "a", "-"]).contains("--blkhash-file"));
     }
 
     #[test]
