@@ -1,7 +1,10 @@
 //! Computing the blkhash (see [`crate::blkhash`]) while copying.
 //!
-//! Workers hash the blocks of the segment they copy right after a batch's
-//! reads, from the batch buffer, into a [`SegmentHash`]: a list of runs,
+//! Workers hash the blocks of the segment they copy from the batch buffer
+//! the source was just read into (still in cache), once the batch's
+//! writes are sent: the writing half hashes while the destination takes
+//! the writes and the reading half reads the next batch. The hashes go
+//! into a [`SegmentHash`]: a list of runs,
 //! either digests of data blocks or a count of zero blocks (holes and
 //! zero extents cost a counter, never a read or a hash). A block that
 //! straddles batches is hashed incrementally. A segment's runs are handed

@@ -341,24 +341,31 @@ struct Attempt {
     hash: Option<SegmentHash>,
 }
 
-/// Read a batch: its source reads, then hash what it covers (the data is
-/// still in cache) and plan its destination operations.
-fn read_batch(
-    shared: &Shared,
-    source: &mut dyn Endpoint,
-    batch: &mut Batch,
-    hash: Option<&mut SegmentHash>,
-) -> Result<()> {
+/// Read a batch: its source reads, then plan its destination operations.
+fn read_batch(shared: &Shared, source: &mut dyn Endpoint, batch: &mut Batch) -> Result<()> {
     let mut reads = batch.read_ops();
     if !reads.is_empty() {
         source.read_batch(&mut reads)?;
     }
     drop(reads);
+    batch.plan_writes(&shared.limits);
+    Ok(())
+}
+
+/// Write a batch, then hash what it covers while its writes are under
+/// way (the data is still in cache; the reading half meanwhile reads
+/// the next batch). Returns the source bytes it covered.
+fn write_and_hash(
+    shared: &Shared,
+    destination: &mut dyn Endpoint,
+    batch: &Batch,
+    hash: &mut Option<SegmentHash>,
+) -> Result<u64> {
+    let n = write_batch(shared, destination, batch)?;
     if let Some(hash) = hash {
         hash.feed_batch(batch);
     }
-    batch.plan_writes(&shared.limits);
-    Ok(())
+    Ok(n)
 }
 
 /// Write a batch's planned operations to the destination and account for
@@ -412,8 +419,9 @@ fn copy_segment(
         while !cursor.is_done() {
             shared.check_cancelled().map_err(on(Side::Source))?;
             cursor.fill(batch, &shared.limits);
-            read_batch(shared, source, batch, hash.as_mut()).map_err(on(Side::Source))?;
-            let n = write_batch(shared, destination, batch).map_err(on(Side::Destination))?;
+            read_batch(shared, source, batch).map_err(on(Side::Source))?;
+            let n =
+                write_and_hash(shared, destination, batch, hash).map_err(on(Side::Destination))?;
             done.fetch_add(n, Ordering::Relaxed);
         }
         return Ok(());
@@ -429,7 +437,8 @@ fn copy_segment(
         let writer = scope.spawn(move || -> Result<(), Failure> {
             for batch in full_rx.iter() {
                 shared.check_cancelled().map_err(on(Side::Destination))?;
-                let n = write_batch(shared, destination, batch).map_err(on(Side::Destination))?;
+                let n = write_and_hash(shared, destination, batch, hash)
+                    .map_err(on(Side::Destination))?;
                 done.fetch_add(n, Ordering::Relaxed);
                 if free_tx.send(batch).is_err() {
                     break;
@@ -445,7 +454,7 @@ fn copy_segment(
                     return Ok(());
                 };
                 cursor.fill(batch, &shared.limits);
-                read_batch(shared, source, batch, hash.as_mut()).map_err(on(Side::Source))?;
+                read_batch(shared, source, batch).map_err(on(Side::Source))?;
                 if full_tx.send(batch).is_err() {
                     return Ok(());
                 }

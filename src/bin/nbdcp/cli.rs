@@ -356,16 +356,35 @@ fn describe_option_error(e: &OptionError) -> String {
 
 /// Print the blkhash as nbdcopy does, in lower-case hex and a newline, to
 /// `file` (created or truncated) or standard output.
-fn write_blkhash(hash: &Blkhash, file: Option<&Path>) -> std::io::Result<()> {
+fn write_blkhash(hash: &Blkhash, file: Option<&Path>) -> Result<(), String> {
     let line = format!("{hash}\n");
-    match file {
+    let written = match file {
         Some(path) => std::fs::write(path, line),
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(line.as_bytes())?;
-            out.flush()
+            out.write_all(line.as_bytes()).and_then(|()| out.flush())
         }
-    }
+    };
+    written.map_err(|e| {
+        let to = file.map_or("standard output".into(), |f| f.display().to_string());
+        format!("writing the blkhash to {to}: {e}")
+    })
+}
+
+/// Log to standard error: warnings, and more for each `-v`.
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_default_env()
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
 }
 
 /// Run nbdcp with `args` (including the program name); returns the exit
@@ -382,18 +401,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
             return code;
         }
     };
-    let level = match inv.verbose {
-        0 => log::LevelFilter::Warn,
-        1 => log::LevelFilter::Info,
-        2 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .parse_default_env()
-        .format_timestamp(None)
-        .format_target(false)
-        .init();
+    init_logging(inv.verbose);
 
     let cancel = CancelToken::new();
     if let Err(e) = signals::install(cancel.clone()) {
@@ -447,10 +455,8 @@ pub fn run(args: Vec<OsString>) -> i32 {
                 p.finish();
             }
             if let Some(hash) = &stats.blkhash {
-                let file = inv.blkhash_file.as_deref();
-                if let Err(e) = write_blkhash(hash, file) {
-                    let to = file.map_or("standard output".into(), |f| f.display().to_string());
-                    eprintln!("nbdcp: writing the blkhash to {to}: {e}");
+                if let Err(msg) = write_blkhash(hash, inv.blkhash_file.as_deref()) {
+                    eprintln!("nbdcp: {msg}");
                     return EXIT_FAILURE;
                 }
             }
