@@ -13,6 +13,25 @@
 //!
 //! An empty image is therefore `H(le64(0))`. The same image gives the same
 //! blkhash whatever its format or allocation, and however it was copied.
+//!
+//! Ask a copy for it with [`CopyOptions::blkhash`](crate::CopyOptions::blkhash):
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use nbdcp::{BlkhashAlgorithm, BlkhashSpec, CopyOptions, EndpointSpec, copy};
+//! let dir = tempfile::tempdir()?;
+//! let disk = dir.path().join("disk.img");
+//! std::fs::write(&disk, b"hello")?;
+//! let mut options = CopyOptions::default();
+//! options.blkhash = Some(BlkhashSpec::new(BlkhashAlgorithm::Md5, 65536));
+//! let stats = copy(&EndpointSpec::parse(&disk), &EndpointSpec::Null, &options)?;
+//! // What `nbdcopy --blkhash=md5` prints for the same five bytes.
+//! assert_eq!(
+//!     stats.blkhash.map(|h| h.to_hex()).as_deref(),
+//!     Some("f741ac9ce55f5325906bb14e9c05d467")
+//! );
+//! # Ok(()) }
+//! ```
 
 use std::fmt;
 
