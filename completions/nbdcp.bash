@@ -23,7 +23,7 @@ _nbdcp() {
 
     case "${cmd}" in
         nbdcp)
-            opts="-C -p -R -S -T -v -h -V --allocated --connections --target-is-zero --destination-is-zero --flush --no-flush --no-extents --progress --queue-size --request-size --requests --sparse --synchronous --threads --timeout --retries --source-offset --destination-offset --length --journal --rate --verbose --help --version"
+            opts="-C -p -R -S -T -v -h -V --allocated --connections --target-is-zero --destination-is-zero --flush --no-flush --no-extents --progress --queue-size --request-size --requests --sparse --synchronous --threads --timeout --retries --source-offset --destination-offset --length --journal --rate --blkhash --blkhash-file --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -167,6 +167,28 @@ _nbdcp() {
                     COMPREPLY=("${cur}")
                     if [[ "${BASH_VERSINFO[0]}" -ge 4 ]]; then
                         compopt -o nospace
+                    fi
+                    return 0
+                    ;;
+                --blkhash)
+                    COMPREPLY=("${cur}")
+                    if [[ "${BASH_VERSINFO[0]}" -ge 4 ]]; then
+                        compopt -o nospace
+                    fi
+                    return 0
+                    ;;
+                --blkhash-file)
+                    local oldifs
+                    if [ -n "${IFS+x}" ]; then
+                        oldifs="$IFS"
+                    fi
+                    IFS=$'\n'
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    if [ -n "${oldifs+x}" ]; then
+                        IFS="$oldifs"
+                    fi
+                    if [[ "${BASH_VERSINFO[0]}" -ge 4 ]]; then
+                        compopt -o filenames
                     fi
                     return 0
                     ;;

@@ -12,6 +12,8 @@ complete -c nbdcp -l destination-offset -d 'Write from this byte of the destinat
 complete -c nbdcp -l length -d 'Copy this many bytes (as dd\'s count) [default: to the end of the source]' -r -f
 complete -c nbdcp -l journal -d 'Record finished segments in FILE, to resume after an interruption' -r -F
 complete -c nbdcp -l rate -d 'Read at most SIZE bytes of data a second from the source' -r -f
+complete -c nbdcp -l blkhash -d 'Compute the blkhash of the source while copying and print it' -r -f
+complete -c nbdcp -l blkhash-file -d 'Write the blkhash to FILE instead of standard output' -r -F
 complete -c nbdcp -l allocated -d 'Leave the destination fully allocated (no holes)'
 complete -c nbdcp -l destination-is-zero -l target-is-zero -d 'The destination already reads as zeroes: skip zeroing it'
 complete -c nbdcp -l flush -d 'Flush the destination at the end (the default)'

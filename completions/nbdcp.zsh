@@ -34,6 +34,8 @@ _nbdcp() {
 '--length=[Copy this many bytes (as dd'\''s count) \[default\: to the end of the source\]]:N:' \
 '--journal=[Record finished segments in FILE, to resume after an interruption]:FILE:_files' \
 '--rate=[Read at most SIZE bytes of data a second from the source]:SIZE:' \
+'--blkhash=[Compute the blkhash of the source while copying and print it]::ALG[/SIZE]:' \
+'--blkhash-file=[Write the blkhash to FILE instead of standard output]:FILE:_files' \
 '--allocated[Leave the destination fully allocated (no holes)]' \
 '--destination-is-zero[The destination already reads as zeroes\: skip zeroing it]' \
 '--target-is-zero[The destination already reads as zeroes\: skip zeroing it]' \

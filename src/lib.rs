@@ -116,12 +116,16 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod blkhash;
 mod cancel;
 pub mod endpoint;
 pub mod engine;
 mod error;
 mod options;
 
+pub use blkhash::{
+    Blkhash, BlkhashAlgorithm, BlkhashSpec, DEFAULT_BLKHASH_BLOCK_SIZE, MAX_BLKHASH_BLOCK_SIZE,
+};
 pub use cancel::CancelToken;
 pub use endpoint::{
     BlockSize, Capabilities, Endpoint, EndpointSpec, Extent, ExtentKind, Interrupter, OpenOptions,

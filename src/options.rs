@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::blkhash::{BlkhashSpec, MAX_BLKHASH_BLOCK_SIZE};
 use crate::cancel::CancelToken;
 use crate::endpoint::OpenOptions;
 use crate::engine::progress::ProgressFn;
@@ -78,7 +79,8 @@ pub struct CopyOptions {
     /// Times a segment is retried after a dropped or stalled connection,
     /// reconnecting first (`--retries`); 0 turns retrying off.
     pub retries: u32,
-    /// Size of the pieces the source is cut into for the workers.
+    /// Size of the pieces the source is cut into for the workers (with
+    /// a blkhash, at least one block).
     pub segment_size: u64,
     /// Copy from this byte of the source on (`--source-offset`, as dd's
     /// `skip`).
@@ -96,6 +98,9 @@ pub struct CopyOptions {
     /// across all workers (`--rate`); holes skipped through extents do
     /// not count.
     pub rate: Option<u64>,
+    /// Compute the blkhash of the source while copying (`--blkhash`);
+    /// it is returned in [`CopyStats::blkhash`](crate::CopyStats::blkhash).
+    pub blkhash: Option<BlkhashSpec>,
     /// Told about progress from worker threads.
     pub progress: Option<ProgressFn>,
     /// Told once what the copy is about to do (`-v`), when the endpoints
@@ -127,6 +132,7 @@ impl Default for CopyOptions {
             length: None,
             journal: None,
             rate: None,
+            blkhash: None,
             progress: None,
             report: None,
             cancel: CancelToken::new(),
@@ -156,6 +162,7 @@ impl fmt::Debug for CopyOptions {
             .field("length", &self.length)
             .field("journal", &self.journal)
             .field("rate", &self.rate)
+            .field("blkhash", &self.blkhash)
             .finish_non_exhaustive()
     }
 }
@@ -261,6 +268,17 @@ impl CopyOptions {
                 "must be a power of two, at least the request size",
             );
         }
+        if let Some(spec) = self.blkhash {
+            if !spec.block_size_is_valid() {
+                return invalid(
+                    "blkhash",
+                    format!(
+                        "block size must be a power of two from 1 to {MAX_BLKHASH_BLOCK_SIZE}, not {}",
+                        spec.block_size
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -323,6 +341,14 @@ mod tests {
             e.to_string(),
             "sparse_size must be 0 or a power of two from 512 to request_size, not 131072"
         );
+        let bad_block = CopyOptions {
+            blkhash: Some(BlkhashSpec::new(
+                crate::blkhash::BlkhashAlgorithm::Md5,
+                3000,
+            )),
+            ..CopyOptions::default()
+        };
+        assert_eq!(bad_block.validate().unwrap_err().field, "blkhash");
         let flags = e.describe(|f| format!("--{}", f.replace('_', "-")));
         assert_eq!(
             flags,

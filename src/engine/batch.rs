@@ -104,13 +104,64 @@ pub struct Batch {
     items: Vec<Item>,
     ops: Vec<Op>,
     used: usize,
+    /// Source offset of the first byte covered.
+    start: u64,
     covered: u64,
+}
+
+/// A piece of the source range a batch covers, in offset order (see
+/// [`Batch::for_each_piece`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// Bytes read from the source at `offset`.
+    Data {
+        /// Source offset of the first byte.
+        offset: u64,
+        /// What was read.
+        bytes: &'a [u8],
+    },
+    /// `len` bytes at `offset` that the source says read as zeroes; not
+    /// read.
+    Zero {
+        /// Source offset of the first byte.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
 }
 
 impl Batch {
     /// Source bytes this batch accounts for (read, zeroed or skipped).
     pub fn covered(&self) -> u64 {
         self.covered
+    }
+
+    /// Call `f` with every piece of the source range the batch covers, in
+    /// order and without gaps: what its reads got (once they are done)
+    /// and, between and around them, the zero extents.
+    pub fn for_each_piece(&self, mut f: impl FnMut(Piece<'_>)) {
+        let bytes = self.bytes();
+        let end = self.start + self.covered;
+        let mut at = self.start;
+        for slot in &self.reads {
+            if slot.offset > at {
+                f(Piece::Zero {
+                    offset: at,
+                    len: slot.offset - at,
+                });
+            }
+            f(Piece::Data {
+                offset: slot.offset,
+                bytes: &bytes[slot.start..slot.start + slot.len],
+            });
+            at = slot.offset + slot.len as u64;
+        }
+        if end > at {
+            f(Piece::Zero {
+                offset: at,
+                len: end - at,
+            });
+        }
     }
 
     /// Whether the batch holds nothing at all.
@@ -319,6 +370,7 @@ impl Cursor {
     /// Clear `batch` and fill it with the next requests.
     pub fn fill(&mut self, batch: &mut Batch, limits: &Limits) {
         batch.clear();
+        batch.start = self.pos;
         batch.memory(limits.batch_bytes);
         while let Some(e) = self.extents.get(self.index).copied() {
             let remaining = e.end() - self.pos;
@@ -583,6 +635,43 @@ mod tests {
         );
         let reads = batch.read_ops();
         assert!(!reads.is_empty());
+    }
+
+    #[test]
+    fn pieces_cover_the_batch_in_order_holes_included() {
+        let l = Limits {
+            skip_zeroes: true,
+            ..limits()
+        };
+        let mut cursor = Cursor::new(vec![
+            ext(100, 50, true),
+            ext(150, 10, false),
+            ext(160, 1000, true),
+            ext(1160, 5, false),
+            ext(1165, 7, true),
+        ]);
+        let mut batch = Batch::default();
+        cursor.fill(&mut batch, &l);
+        for op in batch.read_ops() {
+            op.buf.fill(op.offset as u8);
+        }
+        let mut pieces = Vec::new();
+        batch.for_each_piece(|p| {
+            pieces.push(match p {
+                Piece::Data { offset, bytes } => (offset, bytes.len() as u64, bytes[0] != 0),
+                Piece::Zero { offset, len } => (offset, len, false),
+            })
+        });
+        assert_eq!(
+            pieces,
+            vec![
+                (100, 50, false),
+                (150, 10, true),
+                (160, 1000, false),
+                (1160, 5, true),
+                (1165, 7, false)
+            ]
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! it copies from or to.
 
 pub mod batch;
+mod blkhash;
 pub mod extents;
 mod journal;
 pub mod plan;
@@ -60,6 +61,8 @@ pub struct CopyStats {
     pub resumed: u64,
     /// The journal said the copy was already complete: nothing was done.
     pub already_complete: bool,
+    /// The source's blkhash, if [`CopyOptions::blkhash`] asked for it.
+    pub blkhash: Option<crate::blkhash::Blkhash>,
 }
 
 /// Open `source` and `destination` and copy the one to the other.
@@ -192,6 +195,14 @@ fn run(
     if resuming {
         plan.resume();
     }
+    if options.blkhash.is_some() && journal.as_ref().is_some_and(|j| !j.done().is_empty()) {
+        // The segments an earlier run copied are not read again, so
+        // their blocks cannot be hashed.
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "--blkhash cannot be computed when resuming: the segments an earlier run copied are not read again",
+        ));
+    }
     if resume(journal.as_mut(), &*source, &*destination, options)? {
         // Nothing to do; say goodbye to the servers politely.
         destination.close()?;
@@ -217,7 +228,9 @@ fn run(
         let bytes = shared.outcome(result)?;
         let mut handles = [(source, destination)];
         finish(&plan, &shared, &mut handles)?;
-        return Ok(shared.stats(bytes, 1, started));
+        let mut stats = shared.stats(bytes, 1, started);
+        stats.blkhash = shared.blkhash(bytes)?;
+        return Ok(stats);
     };
 
     let mut handles = open_workers(source, destination, workers)?;
@@ -245,10 +258,12 @@ fn run(
         ));
     }
     finish(&plan, &shared, &mut handles)?;
+    let mut stats = shared.stats(size, handles.len(), started);
+    stats.blkhash = shared.blkhash(size)?;
     if let Some(journal) = &journal {
         journal.finish()?;
     }
-    Ok(shared.stats(size, handles.len(), started))
+    Ok(stats)
 }
 
 /// Tell the caller's report function what the copy is about to do.

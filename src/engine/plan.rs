@@ -3,6 +3,7 @@
 //! workers, flushing. Pure: no I/O, so every rule has a table test below.
 //! The orchestration in [`super`] only reads the plan.
 
+use crate::blkhash::BlkhashSpec;
 use crate::endpoint::{BlockSize, Capabilities, Endpoint, Tuning};
 use crate::error::{Error, ErrorKind, Result};
 use crate::options::{CopyOptions, DEFAULT_REQUEST_SIZE, MAX_REQUEST_SIZE, MIN_REQUEST_SIZE};
@@ -92,6 +93,28 @@ pub struct Plan {
     pub retries: u32,
     /// Most bytes of data read from the source a second (`--rate`).
     pub rate: Option<u64>,
+    /// The blkhash to compute while copying.
+    pub blkhash: Option<BlkhashSpec>,
+}
+
+/// Most blkhash blocks in one segment: the digests of a segment being
+/// copied are held until it is done (4 MiB of md5 digests).
+const MAX_BLKHASH_BLOCKS_PER_SEGMENT: u64 = 1 << 18;
+
+/// The segment size with a blkhash: whole blocks, so that no block is
+/// shared by two segments (a segment is at least one block), and not so
+/// many blocks that a segment's digests take much memory (tiny blocks
+/// make smaller segments, never smaller than a request).
+fn segment_size(options: &CopyOptions, chunk: usize) -> u64 {
+    let Some(spec) = options.blkhash else {
+        return options.segment_size;
+    };
+    let block = spec.block_size.max(1);
+    options
+        .segment_size
+        .max(block)
+        .min(block.saturating_mul(MAX_BLKHASH_BLOCKS_PER_SEGMENT))
+        .max((chunk as u64).next_power_of_two())
 }
 
 /// The smaller of two endpoint hints, where 0 means "no preference".
@@ -163,7 +186,13 @@ fn batch_bytes(source: &Side, destination: &Side, options: &CopyOptions, chunk: 
 /// How the source is walked: segments over the range to copy (all of a
 /// source of known size unless a range is given), or a stream. Fails if
 /// the range does not fit either side.
-fn shape(source: &Side, destination: &Side, options: &CopyOptions, cores: usize) -> Result<Shape> {
+fn shape(
+    source: &Side,
+    destination: &Side,
+    options: &CopyOptions,
+    cores: usize,
+    segment_size: u64,
+) -> Result<Shape> {
     let size = match source.size {
         Some(size) if !source.capabilities.sequential => size,
         _ if options.is_range() => {
@@ -178,6 +207,13 @@ fn shape(source: &Side, destination: &Side, options: &CopyOptions, cores: usize)
         }
         _ => return Ok(Shape::Stream),
     };
+    // The blkhash is of a whole image: its blocks are numbered from the
+    // source's first byte.
+    if options.blkhash.is_some() && options.is_range() {
+        return Err(Error::usage(
+            "--blkhash is of the whole source: it cannot be combined with a range",
+        ));
+    }
     let start = options.source_offset;
     let past_end = || {
         Error::usage(format!(
@@ -225,7 +261,7 @@ fn shape(source: &Side, destination: &Side, options: &CopyOptions, cores: usize)
     Ok(Shape::Segments {
         start,
         length,
-        segment_size: options.segment_size,
+        segment_size,
         workers,
     })
 }
@@ -336,7 +372,13 @@ impl Plan {
             tail_align: dmin,
             shift: Shift::default(),
         };
-        let shape = shape(source, destination, options, cores)?;
+        let shape = shape(
+            source,
+            destination,
+            options,
+            cores,
+            segment_size(options, chunk),
+        )?;
         if let Shape::Segments { start, .. } = shape {
             limits.shift = Shift {
                 source_start: start,
@@ -367,6 +409,7 @@ impl Plan {
             final_flush: options.flush && destination.capabilities.flush,
             retries: if streaming { 0 } else { options.retries },
             rate: options.rate,
+            blkhash: options.blkhash,
         })
     }
 }
@@ -767,6 +810,45 @@ mod tests {
         let mut blind = nbd(Some(G), false);
         blind.capabilities.extents = false;
         assert!(!plan(&blind, &null(), &d).use_extents);
+    }
+
+    #[test]
+    fn blkhash_blocks_are_never_split_between_segments() {
+        use crate::blkhash::{BlkhashAlgorithm, BlkhashSpec};
+        let spec = |block_size| {
+            with(|o| {
+                o.blkhash = Some(BlkhashSpec::new(BlkhashAlgorithm::Md5, block_size));
+                o.request_size = Some(256 << 10);
+            })
+        };
+        // block size -> segment size
+        let cases: &[(Option<u64>, u64)] = &[
+            (None, 128 << 20),
+            (Some(64 << 10), 128 << 20),
+            (Some(128 << 20), 128 << 20),
+            // Blocks larger than a segment: one block per segment.
+            (Some(512 << 20), 512 << 20),
+            (Some(1 << 31), 1 << 31),
+            // Tiny blocks: at most 2^18 per segment, never below a request.
+            (Some(512), 128 << 20),
+            (Some(64), 16 << 20),
+            (Some(1), 256 << 10),
+        ];
+        for (i, (block, want)) in cases.iter().enumerate() {
+            let o = match block {
+                Some(b) => spec(*b),
+                None => with(|o| o.request_size = Some(256 << 10)),
+            };
+            let p = plan(&nbd(Some(8 * G), false), &null(), &o);
+            let Shape::Segments { segment_size, .. } = p.shape else {
+                panic!("case {i}: streamed");
+            };
+            assert_eq!(segment_size, *want, "case {i}");
+            if let Some(b) = block {
+                assert_eq!(segment_size % b, 0, "case {i}");
+            }
+            assert_eq!(p.blkhash, o.blkhash, "case {i}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::endpoint::{Endpoint, Extent, ExtentKind};
 use crate::error::{Error, ErrorKind, Operation, Result};
 
 use super::batch::{Batch, Cursor};
+use super::blkhash::finish_stream;
 use super::worker::{Shared, write_batch};
 
 /// Copy `source` to `destination` until the source ends. Returns the number
@@ -20,6 +21,7 @@ pub(crate) fn copy(
     let limits = shared.limits;
     let mut batch = Batch::default();
     let mut offset = 0u64;
+    let mut hash = shared.blkhash.as_ref().map(|c| c.segment(0));
     loop {
         shared.check_cancelled()?;
         let mut cursor = Cursor::new(vec![Extent {
@@ -54,6 +56,10 @@ pub(crate) fn copy(
                     .at(offset, got));
                 }
             }
+            if let (Some(collector), Some(hash)) = (&shared.blkhash, hash.as_mut()) {
+                hash.feed_batch(&batch);
+                collector.submit_stream(hash);
+            }
             batch.plan_writes(&limits);
             write_batch(shared, destination, &batch)?;
             offset += got;
@@ -63,5 +69,8 @@ pub(crate) fn copy(
         }
     }
     destination.resize_to(offset)?;
+    if let (Some(collector), Some(hash)) = (&shared.blkhash, hash) {
+        finish_stream(collector, hash);
+    }
     Ok(offset)
 }

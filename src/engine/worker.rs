@@ -25,6 +25,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 use super::CopyStats;
 use super::batch::{Batch, Cursor, Limits};
+use super::blkhash::{Collector, SegmentHash};
 use super::extents;
 use super::journal::Journal;
 use super::plan::Plan;
@@ -80,6 +81,9 @@ pub(crate) struct Shared {
     journal: Option<Arc<Journal>>,
     /// Bytes of segments the journal said were done.
     resumed: AtomicU64,
+    /// Folds the segments' block digests into the blkhash, if one is
+    /// wanted.
+    pub blkhash: Option<Collector>,
 }
 
 impl Shared {
@@ -100,6 +104,7 @@ impl Shared {
             limiter: plan.rate.map(RateLimiter::new),
             journal: None,
             resumed: AtomicU64::new(0),
+            blkhash: plan.blkhash.map(Collector::new),
         }
     }
 
@@ -174,6 +179,7 @@ impl Shared {
             elapsed: started.elapsed(),
             resumed: self.resumed.load(Ordering::Relaxed),
             already_complete: false,
+            blkhash: None,
         }
     }
 
@@ -182,6 +188,16 @@ impl Shared {
         if let Some(limiter) = &self.limiter {
             limiter.take(bytes, || self.stopped());
         }
+    }
+
+    /// The blkhash of a source of `size` bytes, once every segment is in.
+    pub(crate) fn blkhash(&self, size: u64) -> Result<Option<crate::blkhash::Blkhash>> {
+        self.blkhash.as_ref().map(|c| c.finish(size)).transpose()
+    }
+
+    /// A new blkhash for an attempt at `segment`, if one is wanted.
+    fn segment_hash(&self, segment: Segment) -> Option<SegmentHash> {
+        self.blkhash.as_ref().map(|c| c.segment(segment.offset))
     }
 
     pub(crate) fn check_cancelled(&self) -> Result<()> {
@@ -295,18 +311,36 @@ fn copy_with_retries(
 ) -> Result<()> {
     let mut attempt = 0;
     loop {
-        let done = AtomicU64::new(0);
-        let outcome =
-            copy_segment(shared, source, destination, segment, ring, &done).and_then(|()| {
-                destination.settle().map_err(on(Side::Destination))?;
-                if shared.flush_segments {
-                    destination.flush().map_err(on(Side::Destination))
-                } else {
-                    Ok(())
-                }
-            });
+        // Each attempt hashes the segment afresh: a failed one's digests
+        // are dropped with it.
+        let mut attempt_state = Attempt {
+            done: AtomicU64::new(0),
+            hash: shared.segment_hash(segment),
+        };
+        let outcome = copy_segment(
+            shared,
+            source,
+            destination,
+            segment,
+            ring,
+            &mut attempt_state,
+        )
+        .and_then(|()| {
+            destination.settle().map_err(on(Side::Destination))?;
+            if shared.flush_segments {
+                destination.flush().map_err(on(Side::Destination))
+            } else {
+                Ok(())
+            }
+        });
+        let Attempt { done, hash } = attempt_state;
         let failure = match outcome {
-            Ok(()) => return shared.segment_done(segment),
+            Ok(()) => {
+                if let (Some(collector), Some(hash)) = (&shared.blkhash, hash) {
+                    collector.submit_segment(hash, &shared.stop);
+                }
+                return shared.segment_done(segment);
+            }
             Err(f) => f,
         };
         // The segment will be counted again when it is redone. Batch
@@ -349,6 +383,14 @@ fn copy_with_retries(
     }
 }
 
+/// One attempt at a segment: the source bytes it completed, so that a
+/// failed attempt can be taken back out of the progress count, and its
+/// blkhash.
+struct Attempt {
+    done: AtomicU64,
+    hash: Option<SegmentHash>,
+}
+
 /// Read a batch: its source reads, then plan its destination operations.
 fn read_batch(shared: &Shared, source: &mut dyn Endpoint, batch: &mut Batch) -> Result<()> {
     let mut reads = batch.read_ops();
@@ -359,6 +401,22 @@ fn read_batch(shared: &Shared, source: &mut dyn Endpoint, batch: &mut Batch) -> 
     drop(reads);
     batch.plan_writes(&shared.limits);
     Ok(())
+}
+
+/// Write a batch, then hash what it covers while its writes are under
+/// way (the data is still in cache; the reading half meanwhile reads
+/// the next batch). Returns the source bytes it covered.
+fn write_and_hash(
+    shared: &Shared,
+    destination: &mut dyn Endpoint,
+    batch: &Batch,
+    hash: &mut Option<SegmentHash>,
+) -> Result<u64> {
+    let n = write_batch(shared, destination, batch)?;
+    if let Some(hash) = hash {
+        hash.feed_batch(batch);
+    }
+    Ok(n)
 }
 
 /// Write a batch's planned operations to the destination and account for
@@ -386,16 +444,18 @@ pub(crate) fn write_batch(
     Ok(batch.covered())
 }
 
-/// Copy one segment once. `done` counts the source bytes completed, so a
-/// failed attempt can be taken back out of the progress count.
+/// Copy one segment once, counting in `attempt` the source bytes
+/// completed and hashing them.
 fn copy_segment(
     shared: &Shared,
     source: &mut dyn Endpoint,
     destination: &mut dyn Endpoint,
     segment: Segment,
     ring: &mut [Batch; 2],
-    done: &AtomicU64,
+    attempt: &mut Attempt,
 ) -> Result<(), Failure> {
+    let Attempt { done, hash } = attempt;
+    let done = &*done;
     let extents = shared
         .extents_of(source, segment)
         .map_err(on(Side::Source))?;
@@ -413,7 +473,8 @@ fn copy_segment(
             shared.check_cancelled().map_err(on(Side::Source))?;
             cursor.fill(batch, &shared.limits);
             read_batch(shared, source, batch).map_err(on(Side::Source))?;
-            let n = write_batch(shared, destination, batch).map_err(on(Side::Destination))?;
+            let n =
+                write_and_hash(shared, destination, batch, hash).map_err(on(Side::Destination))?;
             done.fetch_add(n, Ordering::Relaxed);
         }
         return Ok(());
@@ -429,7 +490,8 @@ fn copy_segment(
         let writer = scope.spawn(move || -> Result<(), Failure> {
             for batch in full_rx.iter() {
                 shared.check_cancelled().map_err(on(Side::Destination))?;
-                let n = write_batch(shared, destination, batch).map_err(on(Side::Destination))?;
+                let n = write_and_hash(shared, destination, batch, hash)
+                    .map_err(on(Side::Destination))?;
                 done.fetch_add(n, Ordering::Relaxed);
                 if free_tx.send(batch).is_err() {
                     break;
@@ -591,6 +653,47 @@ mod tests {
         assert!(*src_data.lock().unwrap() == *dst_data.lock().unwrap());
         assert_eq!(reconnects.0.load(Ordering::SeqCst), 2);
         assert_eq!(reconnects.1.load(Ordering::SeqCst), 2);
+    }
+
+    /// The blkhash the naive way: hash every block of `data`.
+    fn naive_blkhash(spec: crate::blkhash::BlkhashSpec, data: &[u8]) -> Vec<u8> {
+        use crate::blkhash::State;
+        let mut outer = State::new(spec.algorithm);
+        for block in data.chunks(spec.block_size as usize) {
+            let mut d = Vec::new();
+            spec.algorithm.digest_into(block, &mut d);
+            outer.update(&d);
+        }
+        outer.update(&(data.len() as u64).to_le_bytes());
+        let mut out = Vec::new();
+        outer.finish_into(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_retried_segment_is_hashed_once() {
+        use crate::blkhash::{BlkhashAlgorithm, BlkhashSpec};
+        let mut data = pattern((5 << 20) + 1234);
+        data[(1 << 20)..(3 << 20)].fill(0);
+        for (synchronous, fail_reads, fail_writes) in [(false, 0, 3), (false, 2, 0), (true, 1, 2)] {
+            let src = Flaky::new(data.clone(), true);
+            let dst = Flaky::new(vec![0xee; data.len()], true);
+            // Writes fail after their batch's reads were hashed.
+            src.fail_reads.store(fail_reads, Ordering::SeqCst);
+            dst.fail_writes.store(fail_writes, Ordering::SeqCst);
+            let spec = BlkhashSpec::new(BlkhashAlgorithm::Sha256, 4096);
+            let mut o = options(5);
+            o.blkhash = Some(spec);
+            o.synchronous = synchronous;
+            o.connections = 3;
+            let stats = copy_endpoints(Box::new(src), Box::new(dst), &o).unwrap();
+            let got = stats.blkhash.unwrap();
+            assert_eq!(
+                got.digest,
+                naive_blkhash(spec, &data),
+                "{synchronous} {fail_reads} {fail_writes}"
+            );
+        }
     }
 
     #[test]

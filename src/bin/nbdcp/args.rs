@@ -331,6 +331,18 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", value_hint = ValueHint::Other, value_parser = parse_size_arg)]
     pub rate: Option<u64>,
 
+    /// Compute the blkhash of the source while copying and print it.
+    ///
+    /// ALG is md5, sha1, sha256 or sha512, SIZE the block size, a power of
+    /// two [default: sha256/64K]. The hash, as nbdcopy 1.24 computes it,
+    /// goes to standard output as lowercase hex, or to --blkhash-file.
+    #[arg(long, value_name = "ALG[/SIZE]", num_args = 0..=1, require_equals = true, default_missing_value = "", value_hint = ValueHint::Other)]
+    pub blkhash: Option<String>,
+
+    /// Write the blkhash to FILE instead of standard output.
+    #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath, value_parser = clap::value_parser!(OsString))]
+    pub blkhash_file: Option<OsString>,
+
     /// Say more (repeat for more detail).
     ///
     /// -v reports each side's kind, name and size, the connections opened

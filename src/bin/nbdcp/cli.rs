@@ -5,12 +5,14 @@
 //! or the server byte for byte.
 
 use std::ffi::{OsStr, OsString};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Parser;
 use nbdcp::{
-    CancelToken, CopyOptions, EndpointSpec, Error, ErrorKind, OptionError, Progress, ProgressFn,
-    Report, SideReport,
+    Blkhash, BlkhashAlgorithm, BlkhashSpec, CancelToken, CopyOptions, EndpointSpec, Error,
+    ErrorKind, OptionError, Progress, ProgressFn, Report, SideReport,
 };
 
 use crate::args::{self, Args};
@@ -21,6 +23,32 @@ use crate::signals;
 /// Stands for the N-th `[ CMD ... ]` group while clap parses the rest; a
 /// NUL byte cannot come from a real argument.
 const COMMAND_MARK: &str = "\0command:";
+
+/// Parse `--blkhash`'s value as nbdcopy does: empty for sha256/64K, else
+/// `ALG` or `ALG/SIZE` (the algorithm's name in any case).
+pub fn parse_blkhash(text: &str) -> Result<BlkhashSpec, String> {
+    if text.is_empty() {
+        return Ok(BlkhashSpec::default());
+    }
+    let (name, size) = match text.split_once('/') {
+        Some((name, size)) => (name, Some(size)),
+        None => (text, None),
+    };
+    const NAMES: &str = "md5, sha1, sha256 or sha512";
+    if name.is_empty() {
+        return Err(format!(
+            "--blkhash={text}: name the digest before the block size ({NAMES})"
+        ));
+    }
+    let algorithm = BlkhashAlgorithm::from_name(name).ok_or_else(|| {
+        format!("--blkhash={text}: unknown digest algorithm '{name}' (use {NAMES})")
+    })?;
+    let block_size = match size {
+        None => nbdcp::DEFAULT_BLKHASH_BLOCK_SIZE,
+        Some(size) => args::parse_size(size).map_err(|e| format!("--blkhash={text}: {e}"))?,
+    };
+    Ok(BlkhashSpec::new(algorithm, block_size))
+}
 
 /// Take `[ CMD ARGS ... ]` groups out of the arguments, so that a server's
 /// own options (`-r`, `--shared=4`) are not read as nbdcp's. Each group is
@@ -68,6 +96,8 @@ pub struct Invocation {
     pub progress: Option<Option<i32>>,
     /// `-v` count.
     pub verbose: u8,
+    /// `--blkhash-file`: where the blkhash goes instead of stdout.
+    pub blkhash_file: Option<PathBuf>,
 }
 
 /// Parse the command line (including the program name). `Err` carries
@@ -141,18 +171,33 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
     options.length = parsed.length;
     options.rate = parsed.rate;
     options.journal = parsed.journal;
+    options.blkhash = parsed
+        .blkhash
+        .as_deref()
+        .map(parse_blkhash)
+        .transpose()
+        .map_err(usage)?;
     options
         .validate()
         .map_err(|e| usage(describe_option_error(&e)))?;
     let source = spec(&parsed.endpoints[0]);
     let destination = spec(&parsed.endpoints[1]);
     nbdcp::endpoint::check_distinct(&source, &destination).map_err(|e| usage(e.to_string()))?;
+    // As nbdcopy, --blkhash-file without --blkhash is ignored.
+    let blkhash_file = parsed.blkhash_file.map(PathBuf::from);
+    if options.blkhash.is_some() && blkhash_file.is_none() && destination == EndpointSpec::Stdio {
+        return Err(usage(
+            "--blkhash: the copy goes to standard output; name a --blkhash-file for the blkhash"
+                .into(),
+        ));
+    }
     Ok(Invocation {
         source,
         destination,
         options,
         progress,
         verbose: parsed.verbose,
+        blkhash_file,
     })
 }
 
@@ -253,6 +298,7 @@ fn flag_of(field: &'static str) -> String {
         "queue_size" => "--queue-size",
         "sparse_size" => "--sparse",
         "rate" => "--rate",
+        "blkhash" => "--blkhash",
         // Not settable from the command line (the segment size).
         other => other,
     }
@@ -263,6 +309,39 @@ fn flag_of(field: &'static str) -> String {
 /// library's field names.
 fn describe_option_error(e: &OptionError) -> String {
     e.describe(flag_of)
+}
+
+/// Print the blkhash as nbdcopy does, in lower-case hex and a newline, to
+/// `file` (created or truncated) or standard output.
+fn write_blkhash(hash: &Blkhash, file: Option<&Path>) -> Result<(), String> {
+    let line = format!("{hash}\n");
+    let written = match file {
+        Some(path) => std::fs::write(path, line),
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(line.as_bytes()).and_then(|()| out.flush())
+        }
+    };
+    written.map_err(|e| {
+        let to = file.map_or("standard output".into(), |f| f.display().to_string());
+        format!("writing the blkhash to {to}: {e}")
+    })
+}
+
+/// Log to standard error: warnings, and more for each `-v`.
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_default_env()
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
 }
 
 /// Run nbdcp with `args` (including the program name); returns the exit
@@ -279,18 +358,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
             return code;
         }
     };
-    let level = match inv.verbose {
-        0 => log::LevelFilter::Warn,
-        1 => log::LevelFilter::Info,
-        2 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .parse_default_env()
-        .format_timestamp(None)
-        .format_target(false)
-        .init();
+    init_logging(inv.verbose);
 
     if inv.verbose > 0 {
         inv.options.report = Some(Arc::new(|r: &Report| eprint!("{}", describe_plan(r))));
@@ -348,6 +416,12 @@ pub fn run(args: Vec<OsString>) -> i32 {
             }
             if let Some(p) = &fd_progress {
                 p.finish();
+            }
+            if let Some(hash) = &stats.blkhash {
+                if let Err(msg) = write_blkhash(hash, inv.blkhash_file.as_deref()) {
+                    eprintln!("nbdcp: {msg}");
+                    return EXIT_FAILURE;
+                }
             }
             let secs = stats.elapsed.as_secs_f64().max(1e-9);
             log::info!(
@@ -496,6 +570,13 @@ mod tests {
             &["-", "-"],
             &["null:", "b"],
             &["--progress=99999", "a", "b"],
+            &["--blkhash=sha3", "a", "b"],
+            &["--blkhash=/1M", "a", "b"],
+            &["--blkhash=md5/3", "a", "b"],
+            &["--blkhash=md5/", "a", "b"],
+            &["--blkhash=sha256/8G", "a", "b"],
+            &["--blkhash=md5/1X", "a", "b"],
+            &["--blkhash", "a", "-"],
         ] {
             let err = parse(args(bad)).expect_err(&format!("{bad:?} must fail"));
             assert_eq!(err.1, EXIT_USAGE, "{bad:?}: {}", err.0);
@@ -568,6 +649,50 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn blkhash_forms() {
+        use nbdcp::BlkhashAlgorithm::*;
+        let spec = |a: &[&str]| parse(args(a)).unwrap().options.blkhash;
+        assert_eq!(spec(&["a", "b"]), None);
+        assert_eq!(
+            spec(&["--blkhash", "a", "b"]),
+            Some(BlkhashSpec::new(Sha256, 65536))
+        );
+        assert_eq!(
+            spec(&["--blkhash=", "a", "b"]),
+            Some(BlkhashSpec::new(Sha256, 65536))
+        );
+        assert_eq!(
+            spec(&["--blkhash=sha512", "a", "b"]),
+            Some(BlkhashSpec::new(Sha512, 65536))
+        );
+        assert_eq!(
+            spec(&["--blkhash=MD5/4", "a", "b"]),
+            Some(BlkhashSpec::new(Md5, 4))
+        );
+        assert_eq!(
+            spec(&["--blkhash=sha1/1M", "a", "b"]),
+            Some(BlkhashSpec::new(Sha1, 1 << 20))
+        );
+        assert_eq!(
+            spec(&["--blkhash=sha512/512k", "a", "b"]),
+            Some(BlkhashSpec::new(Sha512, 512 << 10))
+        );
+        // The value must be attached: a following word is an endpoint.
+        let inv = parse(args(&["--blkhash", "md5", "b"])).unwrap();
+        assert_eq!(inv.source, EndpointSpec::Path("md5".into()));
+        // Standard output is the copy's: the hash goes to a file then.
+        let inv = parse(args(&["--blkhash", "--blkhash-file=h", "a", "-"])).unwrap();
+        assert_eq!(inv.blkhash_file, Some(PathBuf::from("h")));
+        let msg = |a: &[&str]| parse(args(a)).unwrap_err().0;
+        assert!(msg(&["--blkhash=sha3", "a", "b"]).contains("unknown digest algorithm 'sha3'"));
+        assert!(
+            msg(&["--blkhash=md5/3", "a", "b"])
+                .contains("--blkhash block size must be a power of two")
+        );
+        assert!(msg(&["--blkhash", "a", "-"]).contains("--blkhash-file"));
     }
 
     #[test]
