@@ -17,8 +17,8 @@ _nbdcp() {
     _arguments "${_arguments_options[@]}" : \
 '-C+[Connections to each NBD endpoint (workers for other kinds)]:N:' \
 '--connections=[Connections to each NBD endpoint (workers for other kinds)]:N:' \
-'-p+[Show a progress bar, or with =FD write "N/100" lines to FD]::FD:' \
-'--progress=[Show a progress bar, or with =FD write "N/100" lines to FD]::FD:' \
+'-p+[Show a progress bar, or with =FD write "N/100" lines to FD]::FD|json:FD:' \
+'--progress=[Show a progress bar, or with =FD write "N/100" lines to FD]::FD|json:FD:' \
 '--queue-size=[Bytes of data in flight per connection]:SIZE:' \
 '--request-size=[Largest request, a power of two from 4K to 32M \[default\: 1M on NBD Unix sockets, 256K otherwise\]]:SIZE:' \
 '-R+[Requests in flight per connection]:N:' \

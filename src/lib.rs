@@ -131,6 +131,7 @@ pub use endpoint::{
     BlockSize, Capabilities, Endpoint, EndpointSpec, Extent, ExtentKind, Interrupter, OpenOptions,
     Payload, ReadOp, Tuning, WriteBuffer, WriteOp, open_destination, open_source,
 };
+pub use engine::events::{Event, EventFn};
 pub use engine::progress::{Progress, ProgressFn};
 pub use engine::report::{Report, ReportFn, SideReport};
 pub use engine::{CopyStats, copy, copy_endpoints};

@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::blkhash::{BlkhashSpec, MAX_BLKHASH_BLOCK_SIZE};
 use crate::cancel::CancelToken;
 use crate::endpoint::OpenOptions;
+use crate::engine::events::EventFn;
 use crate::engine::progress::ProgressFn;
 use crate::engine::report::ReportFn;
 use crate::error::Error;
@@ -106,6 +107,9 @@ pub struct CopyOptions {
     /// Told once what the copy is about to do (`-v`), when the endpoints
     /// are open and before data moves.
     pub report: Option<ReportFn>,
+    /// Told when the copy starts, makes progress and retries
+    /// (`--progress=json:FD`).
+    pub events: Option<EventFn>,
     /// Lets another thread stop the copy.
     pub cancel: CancelToken,
 }
@@ -135,6 +139,7 @@ impl Default for CopyOptions {
             blkhash: None,
             progress: None,
             report: None,
+            events: None,
             cancel: CancelToken::new(),
         }
     }

@@ -16,6 +16,7 @@
 
 pub mod batch;
 mod blkhash;
+pub mod events;
 pub mod extents;
 mod journal;
 pub mod plan;
@@ -220,7 +221,7 @@ fn run(
     } = plan.shape
     else {
         let tracker = Tracker::new(None, options.progress.clone());
-        let shared = worker::Shared::new(&plan, tracker);
+        let shared = worker::Shared::new(&plan, tracker).with_events(options.events.clone());
         let _linked = link_cancel(options, &shared);
         let _interrupts = interrupt_on_stop(&shared, [&*source, &*destination]);
         tell(options, &plan, &*source, &*destination, 1);
@@ -243,7 +244,9 @@ fn run(
     );
     let tracker = Tracker::new(Some(size), options.progress.clone());
     let journal = journal.map(std::sync::Arc::new);
-    let shared = worker::Shared::new(&plan, tracker).with_journal(journal.clone());
+    let shared = worker::Shared::new(&plan, tracker)
+        .with_journal(journal.clone())
+        .with_events(options.events.clone());
     let _linked = link_cancel(options, &shared);
     let _interrupts = interrupt_on_stop(&shared, handles.iter().flat_map(|(s, d)| [&**s, &**d]));
     run_workers(&plan, &shared, &mut handles);
@@ -274,14 +277,24 @@ fn tell(
     destination: &dyn Endpoint,
     workers: usize,
 ) {
-    if let Some(report) = &options.report {
-        report(&report::Report::new(
-            plan,
-            options,
-            source,
-            destination,
-            workers,
-        ));
+    if options.report.is_none() && options.events.is_none() {
+        return;
+    }
+    let report = report::Report::new(plan, options, source, destination, workers);
+    if let Some(events) = &options.events {
+        events(&events::Event::Start {
+            source: report.source.name.clone(),
+            destination: report.destination.name.clone(),
+            size: match plan.shape {
+                Shape::Segments { length, .. } => Some(length),
+                Shape::Stream => None,
+            },
+            connections: workers,
+            request_size: report.request_size,
+        });
+    }
+    if let Some(tell) = &options.report {
+        tell(&report);
     }
 }
 
@@ -410,6 +423,7 @@ fn run_workers(plan: &Plan, shared: &worker::Shared, handles: &mut [HandlePair])
                 // copied.
                 if shared.already_done(segment) {
                     shared.tracker.add(segment.length);
+                    shared.acknowledged(segment.length);
                     continue;
                 }
                 // Stops when the workers are gone (they hold the receivers).
@@ -426,6 +440,17 @@ fn run_workers(plan: &Plan, shared: &worker::Shared, handles: &mut [HandlePair])
             })
             .collect();
         drop(rx);
+        // Progress at least once a second, whatever the segments do.
+        let (ticking, tick) = crossbeam_channel::bounded::<()>(0);
+        if shared.has_events() {
+            scope.spawn(move || {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    tick.recv_timeout(Duration::from_secs(1))
+                {
+                    shared.emit_progress();
+                }
+            });
+        }
         for r in running {
             if r.join().is_err() {
                 shared.fail(Error::new(
@@ -434,6 +459,7 @@ fn run_workers(plan: &Plan, shared: &worker::Shared, handles: &mut [HandlePair])
                 ));
             }
         }
+        drop(ticking);
     });
 }
 

@@ -60,6 +60,11 @@ impl Tracker {
         self.done.fetch_sub(bytes, Ordering::Relaxed);
     }
 
+    /// The total, if known.
+    pub(crate) fn total(&self) -> Option<u64> {
+        self.total
+    }
+
     pub(crate) fn done(&self) -> u64 {
         self.done.load(Ordering::Relaxed)
     }

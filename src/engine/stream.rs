@@ -62,6 +62,8 @@ pub(crate) fn copy(
             }
             batch.plan_writes(&limits);
             write_batch(shared, destination, &batch)?;
+            // A stream is written in order: a batch written counts.
+            shared.acknowledged(got);
             offset += got;
         }
         if ended || got == 0 {

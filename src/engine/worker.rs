@@ -26,6 +26,7 @@ use crate::error::{Error, ErrorKind, Result};
 use super::CopyStats;
 use super::batch::{Batch, Cursor, Limits};
 use super::blkhash::{Collector, SegmentHash};
+use super::events::{Event, EventFn};
 use super::extents;
 use super::journal::Journal;
 use super::plan::Plan;
@@ -81,6 +82,12 @@ pub(crate) struct Shared {
     journal: Option<Arc<Journal>>,
     /// Bytes of segments the journal said were done.
     resumed: AtomicU64,
+    /// `--progress=json:FD`: told about progress and retries.
+    events: Option<EventFn>,
+    /// Source bytes of segments the destination acknowledged.
+    acked: AtomicU64,
+    /// When the copy started, for the events' elapsed time.
+    started: Instant,
     /// Folds the segments' block digests into the blkhash, if one is
     /// wanted.
     pub blkhash: Option<Collector>,
@@ -104,6 +111,9 @@ impl Shared {
             limiter: plan.rate.map(RateLimiter::new),
             journal: None,
             resumed: AtomicU64::new(0),
+            events: None,
+            acked: AtomicU64::new(0),
+            started: Instant::now(),
             blkhash: plan.blkhash.map(Collector::new),
         }
     }
@@ -112,6 +122,52 @@ impl Shared {
     pub(crate) fn with_journal(mut self, journal: Option<Arc<Journal>>) -> Shared {
         self.journal = journal;
         self
+    }
+
+    /// Tell `events` about progress and retries.
+    pub(crate) fn with_events(mut self, events: Option<EventFn>) -> Shared {
+        self.events = events;
+        self
+    }
+
+    /// Whether anyone listens to events.
+    pub(crate) fn has_events(&self) -> bool {
+        self.events.is_some()
+    }
+
+    /// Tell the events function how far the copy is.
+    pub(crate) fn emit_progress(&self) {
+        let Some(events) = &self.events else {
+            return;
+        };
+        let done = self.acked.load(Ordering::SeqCst);
+        let written = self.written.load(Ordering::Relaxed);
+        let zeroed = self.zeroed.load(Ordering::Relaxed);
+        events(&Event::Progress {
+            done,
+            total: self.tracker.total(),
+            written,
+            zeroed,
+            skipped: done.saturating_sub(written.saturating_add(zeroed)),
+            elapsed: self.started.elapsed(),
+        });
+    }
+
+    /// `bytes` more of the source are acknowledged by the destination.
+    pub(crate) fn acknowledged(&self, bytes: u64) {
+        self.acked.fetch_add(bytes, Ordering::SeqCst);
+        self.emit_progress();
+    }
+
+    /// Tell the events function a segment is being retried.
+    fn emit_retry(&self, endpoint: &str, offset: u64, error: &Error) {
+        if let Some(events) = &self.events {
+            events(&Event::Retry {
+                endpoint: endpoint.to_string(),
+                offset,
+                error: error.to_string(),
+            });
+        }
     }
 
     /// Whether an earlier run recorded `segment` as done.
@@ -339,7 +395,9 @@ fn copy_with_retries(
                 if let (Some(collector), Some(hash)) = (&shared.blkhash, hash) {
                     collector.submit_segment(hash, &shared.stop);
                 }
-                return shared.segment_done(segment);
+                shared.segment_done(segment)?;
+                shared.acknowledged(segment.length);
+                return Ok(());
             }
             Err(f) => f,
         };
@@ -368,6 +426,7 @@ fn copy_with_retries(
                 segment.offset,
                 backoff_delay(attempt).as_millis()
             );
+            shared.emit_retry(endpoint.name(), segment.offset, &failure.error);
             shared.back_off(attempt);
             shared.check_cancelled()?;
             match endpoint.reconnect() {
@@ -653,6 +712,42 @@ mod tests {
         assert!(*src_data.lock().unwrap() == *dst_data.lock().unwrap());
         assert_eq!(reconnects.0.load(Ordering::SeqCst), 2);
         assert_eq!(reconnects.1.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn retries_and_progress_are_told_as_events() {
+        let src = Flaky::new(pattern(5 << 20), true);
+        src.fail_reads.store(2, Ordering::SeqCst);
+        let dst = Flaky::new(vec![0; 5 << 20], true);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut o = options(5);
+        let s2 = seen.clone();
+        o.events = Some(Arc::new(move |e: &Event| {
+            s2.lock().unwrap().push(e.clone())
+        }));
+        copy_endpoints(Box::new(src), Box::new(dst), &o).unwrap();
+        let seen = seen.lock().unwrap();
+        let retries: Vec<_> = seen
+            .iter()
+            .filter_map(|e| match e {
+                Event::Retry {
+                    endpoint, error, ..
+                } => Some((endpoint.clone(), error.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(retries.len(), 2, "{seen:?}");
+        assert!(retries.iter().all(|(e, _)| e == "flaky"));
+        assert!(matches!(seen.first(), Some(Event::Start { size: Some(s), .. }) if *s == 5 << 20));
+        let dones: Vec<u64> = seen
+            .iter()
+            .filter_map(|e| match e {
+                Event::Progress { done, .. } => Some(*done),
+                _ => None,
+            })
+            .collect();
+        assert!(dones.windows(2).all(|w| w[0] <= w[1]), "{dones:?}");
+        assert_eq!(dones.last(), Some(&(5 << 20)));
     }
 
     /// The blkhash the naive way: hash every block of `data`.

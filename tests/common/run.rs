@@ -63,6 +63,8 @@ pub struct Nbdcp {
     /// The arguments byte for byte, when they are not all UTF-8 (`args`
     /// then holds them lossily, for messages).
     raw_args: Option<Vec<std::ffi::OsString>>,
+    /// Given to nbdcp as its file descriptor 3.
+    fd3: Option<File>,
     stdin: Option<Vec<u8>>,
     stdin_piece: usize,
     stdout: Stdout,
@@ -79,6 +81,7 @@ impl Nbdcp {
         Nbdcp {
             args: args.iter().map(|s| s.to_string()).collect(),
             raw_args: None,
+            fd3: None,
             stdin: None,
             stdin_piece: usize::MAX,
             stdout: Stdout::Capture,
@@ -113,6 +116,12 @@ impl Nbdcp {
     pub fn stdin_in_pieces(mut self, bytes: &[u8], piece: usize) -> Nbdcp {
         self.stdin = Some(bytes.to_vec());
         self.stdin_piece = piece;
+        self
+    }
+
+    /// Give nbdcp `file` as its file descriptor 3 (`--progress=json:3`).
+    pub fn fd3(mut self, file: File) -> Nbdcp {
+        self.fd3 = Some(file);
         self
     }
 
@@ -175,6 +184,23 @@ impl Nbdcp {
             || self.args.iter().any(|a| {
                 a == "--verbose" || (a.starts_with("-v") && a[1..].chars().all(|c| c == 'v'))
             });
+        if let Some(file) = &self.fd3 {
+            use std::os::fd::AsRawFd;
+            let raw = file.as_raw_fd();
+            // SAFETY: dup2 and fcntl are async-signal-safe; `file` outlives
+            // the spawn below.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if raw == 3 {
+                        let flags = libc::fcntl(3, libc::F_GETFD);
+                        libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    } else if libc::dup2(raw, 3) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         match &self.raw_args {
             Some(raw) => cmd.args(raw),
             None => cmd.args(&self.args),

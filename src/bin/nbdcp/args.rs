@@ -233,7 +233,12 @@ pub struct Args {
     /// --progress=FD writes the line 0/100 to the open file descriptor FD
     /// first, a line N/100 each time the percentage grows, and 100/100 when
     /// the copy is complete, for another program to read.
-    #[arg(short = 'p', long, value_name = "FD", value_hint = ValueHint::Other, num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    ///
+    /// --progress=json:FD writes one JSON object a line to FD instead: a
+    /// start event, progress events at least once a second and when a
+    /// segment completes, retry events, and a final done or error event
+    /// with the exit status (the fields are in README).
+    #[arg(short = 'p', long, value_name = "FD|json:FD", value_hint = ValueHint::Other, num_args = 0..=1, require_equals = true, default_missing_value = "")]
     pub progress: Option<String>,
 
     /// Bytes of data in flight per connection.

@@ -11,14 +11,26 @@ use std::sync::Arc;
 
 use clap::Parser;
 use nbdcp::{
-    Blkhash, BlkhashAlgorithm, BlkhashSpec, CancelToken, CopyOptions, EndpointSpec, Error,
-    ErrorKind, OptionError, Progress, ProgressFn, Report, SideReport,
+    Blkhash, BlkhashAlgorithm, BlkhashSpec, CancelToken, CopyOptions, CopyStats, EndpointSpec,
+    Error, ErrorKind, Event, OptionError, Progress, ProgressFn, Report, SideReport,
 };
 
 use crate::args::{self, Args};
 pub use crate::args::{EXIT_FAILURE, EXIT_USAGE};
+use crate::json::JsonProgress;
 use crate::progress::{FdProgress, Outcome, ProgressBar, human_bytes};
 use crate::signals;
+
+/// Where `-p` / `--progress` shows progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgressTo {
+    /// A bar on standard error.
+    Bar,
+    /// `N/100` lines on a descriptor, as nbdcopy's.
+    Lines(i32),
+    /// JSON events on a descriptor.
+    Json(i32),
+}
 
 /// Stands for the N-th `[ CMD ... ]` group while clap parses the rest; a
 /// NUL byte cannot come from a real argument.
@@ -92,8 +104,8 @@ pub struct Invocation {
     pub destination: EndpointSpec,
     /// How to copy.
     pub options: CopyOptions,
-    /// `-p` / `--progress[=FD]`: `Some(None)` for a bar, `Some(Some(fd))`.
-    pub progress: Option<Option<i32>>,
+    /// `-p` / `--progress[=FD|=json:FD]`.
+    pub progress: Option<ProgressTo>,
     /// `-v` count.
     pub verbose: u8,
     /// `--blkhash-file`: where the blkhash goes instead of stdout.
@@ -136,16 +148,26 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
     };
     let progress = match parsed.progress.as_deref() {
         None => None,
-        Some("") => Some(None),
-        Some(fd) => match fd.parse::<i32>() {
-            // SAFETY: F_GETFD only asks whether the descriptor is open.
-            Ok(n) if n >= 0 && unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 => Some(Some(n)),
-            _ => {
-                return Err(usage(format!(
-                    "--progress={fd}: not an open file descriptor"
-                )));
+        Some("") => Some(ProgressTo::Bar),
+        Some(value) => {
+            let (json, fd) = match value.strip_prefix("json:") {
+                Some(fd) => (true, fd),
+                None => (false, value),
+            };
+            match fd.parse::<i32>() {
+                // SAFETY: F_GETFD only asks whether the descriptor is open.
+                Ok(n) if n >= 0 && unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 => Some(if json {
+                    ProgressTo::Json(n)
+                } else {
+                    ProgressTo::Lines(n)
+                }),
+                _ => {
+                    return Err(usage(format!(
+                        "--progress={value}: not an open file descriptor"
+                    )));
+                }
             }
-        },
+        }
     };
     let to_usize =
         |v: u64, what: &str| usize::try_from(v).map_err(|_| usage(format!("{what} is too large")));
@@ -370,32 +392,59 @@ pub fn run(args: Vec<OsString>) -> i32 {
     }
     inv.options.cancel = cancel;
 
-    let mut bar = None;
-    let mut fd_progress = None;
+    let shown = show_progress(&mut inv);
+    let result = nbdcp::copy(&inv.source, &inv.destination, &inv.options);
+    conclude(&inv, &shown, result)
+}
+
+/// What shows progress for one run.
+#[derive(Default)]
+struct Shown {
+    bar: Option<Arc<ProgressBar>>,
+    lines: Option<Arc<FdProgress>>,
+    json: Option<Arc<JsonProgress>>,
+}
+
+/// Hook the progress display the command line asked for to the copy.
+fn show_progress(inv: &mut Invocation) -> Shown {
+    let mut shown = Shown::default();
     match inv.progress {
-        Some(None) => {
+        Some(ProgressTo::Bar) => {
             let b = Arc::new(ProgressBar::new());
             let b2 = b.clone();
             let f: ProgressFn = Arc::new(move |p: Progress| b2.update(p));
             inv.options.progress = Some(f);
-            bar = Some(b);
+            shown.bar = Some(b);
         }
-        Some(Some(fd)) => {
+        Some(ProgressTo::Lines(fd)) => {
             // SAFETY: parse() checked the descriptor is open; nbdcp owns it
             // from here on, as nbdcopy does.
             let p = Arc::new(unsafe { FdProgress::from_raw_fd(fd) });
             let p2 = p.clone();
             let f: ProgressFn = Arc::new(move |pr: Progress| p2.update(pr));
             inv.options.progress = Some(f);
-            fd_progress = Some(p);
+            shown.lines = Some(p);
+        }
+        Some(ProgressTo::Json(fd)) => {
+            // SAFETY: as above.
+            let j = Arc::new(unsafe { JsonProgress::from_raw_fd(fd) });
+            let j2 = j.clone();
+            inv.options.events = Some(Arc::new(move |e: &Event| j2.event(e)));
+            shown.json = Some(j);
         }
         None => {}
     }
+    shown
+}
 
-    let result = nbdcp::copy(&inv.source, &inv.destination, &inv.options);
+/// Report how the copy ended and return the exit status.
+fn conclude(inv: &Invocation, shown: &Shown, result: nbdcp::Result<CopyStats>) -> i32 {
     if let Some(sig) = signals::received() {
-        if let Some(b) = &bar {
+        if let Some(b) = &shown.bar {
             b.finish(Outcome::Stopped);
+        }
+        if let Some(j) = &shown.json {
+            j.error(&format!("interrupted by signal {sig}"), None, 128 + sig);
         }
         signals::announce(sig);
         return 128 + sig;
@@ -408,45 +457,61 @@ pub fn run(args: Vec<OsString>) -> i32 {
                     journal.display()
                 );
             }
+            if let Some(j) = &shown.json {
+                j.done(&stats, 0);
+            }
             0
         }
-        Ok(stats) => {
-            if let Some(b) = &bar {
-                b.finish(Outcome::Complete(stats.bytes));
-            }
-            if let Some(p) = &fd_progress {
-                p.finish();
-            }
-            if let Some(hash) = &stats.blkhash {
-                if let Err(msg) = write_blkhash(hash, inv.blkhash_file.as_deref()) {
-                    eprintln!("nbdcp: {msg}");
-                    return EXIT_FAILURE;
-                }
-            }
-            let secs = stats.elapsed.as_secs_f64().max(1e-9);
-            log::info!(
-                "copied {} ({} written, {} zeroed) in {:.3} s, {}/s, {} worker(s)",
-                human_bytes(stats.bytes),
-                human_bytes(stats.written),
-                human_bytes(stats.zeroed),
-                secs,
-                human_bytes((stats.bytes as f64 / secs) as u64),
-                stats.workers
-            );
-            0
-        }
+        Ok(stats) => succeeded(inv, shown, &stats),
         Err(e) => {
-            if let Some(b) = &bar {
+            if let Some(b) = &shown.bar {
                 b.finish(Outcome::Stopped);
             }
             eprintln!("nbdcp: {e}");
-            if e.kind() == ErrorKind::Usage {
+            let status = if e.kind() == ErrorKind::Usage {
                 EXIT_USAGE
             } else {
                 EXIT_FAILURE
+            };
+            if let Some(j) = &shown.json {
+                j.error(&e.to_string(), Some(&e), status);
             }
+            status
         }
     }
+}
+
+/// A complete copy: the displays' last word, the blkhash, `-v`'s summary.
+fn succeeded(inv: &Invocation, shown: &Shown, stats: &CopyStats) -> i32 {
+    if let Some(b) = &shown.bar {
+        b.finish(Outcome::Complete(stats.bytes));
+    }
+    if let Some(p) = &shown.lines {
+        p.finish();
+    }
+    if let Some(hash) = &stats.blkhash {
+        if let Err(msg) = write_blkhash(hash, inv.blkhash_file.as_deref()) {
+            eprintln!("nbdcp: {msg}");
+            if let Some(j) = &shown.json {
+                j.error(&msg, None, EXIT_FAILURE);
+            }
+            return EXIT_FAILURE;
+        }
+    }
+    if let Some(j) = &shown.json {
+        j.done(stats, 0);
+    }
+    let secs = stats.elapsed.as_secs_f64().max(1e-9);
+    log::info!(
+        "copied {} ({} written, {} zeroed) in {:.3} s, {}/s, {} worker(s)",
+        human_bytes(stats.bytes),
+        human_bytes(stats.written),
+        human_bytes(stats.zeroed),
+        secs,
+        human_bytes((stats.bytes as f64 / secs) as u64),
+        stats.workers
+    );
+    0
 }
 
 #[cfg(test)]
@@ -697,15 +762,25 @@ mod tests {
 
     #[test]
     fn progress_forms() {
-        assert_eq!(parse(args(&["-p", "a", "b"])).unwrap().progress, Some(None));
+        assert_eq!(
+            parse(args(&["-p", "a", "b"])).unwrap().progress,
+            Some(ProgressTo::Bar)
+        );
         assert_eq!(
             parse(args(&["--progress", "a", "b"])).unwrap().progress,
-            Some(None)
+            Some(ProgressTo::Bar)
         );
         assert_eq!(
             parse(args(&["--progress=2", "a", "b"])).unwrap().progress,
-            Some(Some(2))
+            Some(ProgressTo::Lines(2))
         );
+        assert_eq!(
+            parse(args(&["--progress=json:2", "a", "b"]))
+                .unwrap()
+                .progress,
+            Some(ProgressTo::Json(2))
+        );
+        assert!(parse(args(&["--progress=json:99999", "a", "b"])).is_err());
         assert_eq!(parse(args(&["a", "b"])).unwrap().progress, None);
     }
 

@@ -4,6 +4,7 @@
 
 mod args;
 mod cli;
+mod json;
 mod progress;
 mod signals;
 
