@@ -23,7 +23,7 @@ _nbdcp() {
 
     case "${cmd}" in
         nbdcp)
-            opts="-C -p -R -S -T -v -h -V --allocated --connections --target-is-zero --destination-is-zero --flush --no-flush --no-extents --progress --queue-size --request-size --requests --sparse --synchronous --threads --timeout --retries --source-offset --destination-offset --length --journal --rate --blkhash --blkhash-file --verbose --help --version"
+            opts="-C -p -R -S -T -v -h -V --allocated --connections --target-is-zero --destination-is-zero --flush --no-flush --no-extents --progress --queue-size --request-size --requests --sparse --synchronous --threads --timeout --retries --source-offset --destination-offset --length --journal --rate --blkhash --blkhash-file --verify --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

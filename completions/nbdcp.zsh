@@ -43,6 +43,7 @@ _nbdcp() {
 '--no-flush[Do not flush the destination at the end]' \
 '--no-extents[Do not ask the source which parts hold data; read everything]' \
 '--synchronous[One connection, one request at a time]' \
+'--verify[After the copy, read the destination back and compare it with the source]' \
 '*-v[Say more (repeat for more detail)]' \
 '*--verbose[Say more (repeat for more detail)]' \
 '-h[Print help (see more with '\''--help'\'')]' \

@@ -33,6 +33,8 @@ pub enum ErrorKind {
     Cancelled,
     /// A request did not complete within the timeout.
     Timeout,
+    /// `--verify` found the destination differs from the source.
+    Mismatch,
 }
 
 /// What was being done when an error happened.
@@ -75,6 +77,8 @@ pub enum Operation {
     SetTimeout,
     /// Duplicating a file descriptor.
     Duplicate,
+    /// Comparing the destination with the source (`--verify`).
+    Verify,
 }
 
 impl Operation {
@@ -99,6 +103,7 @@ impl Operation {
             Operation::Disconnect => "disconnect",
             Operation::SetTimeout => "set timeout",
             Operation::Duplicate => "duplicate",
+            Operation::Verify => "verify",
         }
     }
 }

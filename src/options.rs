@@ -102,6 +102,11 @@ pub struct CopyOptions {
     /// Compute the blkhash of the source while copying (`--blkhash`);
     /// it is returned in [`CopyStats::blkhash`](crate::CopyStats::blkhash).
     pub blkhash: Option<BlkhashSpec>,
+    /// After the copy, read the destination back and compare its blkhash
+    /// with the source's (`--verify`): an [`ErrorKind::Mismatch`](crate::ErrorKind::Mismatch)
+    /// error names the first differing block. Uses `blkhash`'s algorithm
+    /// and block size, or sha256/64K.
+    pub verify: bool,
     /// Told about progress from worker threads.
     pub progress: Option<ProgressFn>,
     /// Told once what the copy is about to do (`-v`), when the endpoints
@@ -137,6 +142,7 @@ impl Default for CopyOptions {
             journal: None,
             rate: None,
             blkhash: None,
+            verify: false,
             progress: None,
             report: None,
             events: None,

@@ -66,9 +66,11 @@ impl FileEndpoint {
             }
         }
         let file = if is_block {
-            OpenOptions::new().write(true).open(path)
+            OpenOptions::new().read(true).write(true).open(path)
         } else {
+            // Read too: `--verify` reads the copy back.
             OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)
@@ -89,6 +91,7 @@ impl FileEndpoint {
     /// is shorter; a block device keeps its size.
     pub fn open_to_extend(name: &str, path: &Path, end: u64) -> Result<FileEndpoint> {
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
             .truncate(false)
@@ -326,6 +329,7 @@ impl Endpoint for FileEndpoint {
             extents: self.kind == Kind::Regular,
             reconnect: false,
             starts_zeroed: self.fresh,
+            read_back: true,
             multi_conn: false,
         }
     }

@@ -79,6 +79,9 @@ pub struct Capabilities {
     /// The endpoint reads back as all zeroes before the copy writes anything
     /// (a freshly created or truncated file, `null:`).
     pub starts_zeroed: bool,
+    /// What is written can be read back (`--verify`): not `null:` or a
+    /// pipe.
+    pub read_back: bool,
     /// An NBD server advertised that several connections see one
     /// another's writes. nbdcp does not need it (workers write disjoint
     /// segments); it is reported (`-v`).

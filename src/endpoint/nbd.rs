@@ -304,6 +304,7 @@ impl Endpoint for NbdEndpoint {
             // likely died: reconnecting would only wait out the back-off.
             reconnect: self.target.server.is_none(),
             starts_zeroed: false,
+            read_back: true,
             multi_conn: self.client.multi_conn(),
         }
     }

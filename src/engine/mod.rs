@@ -25,6 +25,7 @@ mod rate;
 pub mod report;
 pub mod segments;
 mod stream;
+mod verify;
 mod worker;
 pub mod zero;
 
@@ -185,6 +186,7 @@ fn run(
     options: &CopyOptions,
     mut journal: Option<Journal>,
 ) -> Result<CopyStats> {
+    let options = &*effective(options);
     let started = Instant::now();
     let resuming = journal.as_ref().is_some_and(Journal::started);
     let mut plan = Plan::new(
@@ -227,10 +229,10 @@ fn run(
         tell(options, &plan, &*source, &*destination, 1);
         let result = stream::copy(&shared, source.as_mut(), destination.as_mut());
         let bytes = shared.outcome(result)?;
-        let mut handles = [(source, destination)];
-        finish(&plan, &shared, &mut handles)?;
         let mut stats = shared.stats(bytes, 1, started);
         stats.blkhash = shared.blkhash(bytes)?;
+        let check = checked(options, &stats, bytes);
+        finish(&plan, &shared, vec![(source, destination)], options, check)?;
         return Ok(stats);
     };
 
@@ -260,13 +262,39 @@ fn run(
             ),
         ));
     }
-    finish(&plan, &shared, &mut handles)?;
     let mut stats = shared.stats(size, handles.len(), started);
     stats.blkhash = shared.blkhash(size)?;
+    let check = checked(options, &stats, size);
+    finish(&plan, &shared, handles, options, check)?;
     if let Some(journal) = &journal {
         journal.finish()?;
     }
     Ok(stats)
+}
+
+/// What `--verify` checks the destination against: the source's
+/// blkhash and size.
+fn checked<'a>(
+    options: &CopyOptions,
+    stats: &'a CopyStats,
+    size: u64,
+) -> Option<(&'a crate::blkhash::Blkhash, u64)> {
+    if !options.verify {
+        return None;
+    }
+    stats.blkhash.as_ref().map(|h| (h, size))
+}
+
+/// The options as the copy runs them: `--verify` needs the source's
+/// blkhash, sha256/64K unless `--blkhash` chose.
+fn effective(options: &CopyOptions) -> std::borrow::Cow<'_, CopyOptions> {
+    if options.verify && options.blkhash.is_none() {
+        let mut o = options.clone();
+        o.blkhash = Some(crate::blkhash::BlkhashSpec::default());
+        std::borrow::Cow::Owned(o)
+    } else {
+        std::borrow::Cow::Borrowed(options)
+    }
 }
 
 /// Tell the caller's report function what the copy is about to do.
@@ -464,8 +492,16 @@ fn run_workers(plan: &Plan, shared: &worker::Shared, handles: &mut [HandlePair])
 }
 
 /// Wait for every write, flush every destination handle (each connection
-/// may hold its own unflushed writes), then close every handle.
-fn finish(plan: &Plan, shared: &worker::Shared, handles: &mut [HandlePair]) -> Result<()> {
+/// may hold its own unflushed writes), then close every handle, or with
+/// `--verify` check the destination against `expected` first.
+fn finish(
+    plan: &Plan,
+    shared: &worker::Shared,
+    handles: Vec<HandlePair>,
+    options: &CopyOptions,
+    check: Option<(&crate::blkhash::Blkhash, u64)>,
+) -> Result<()> {
+    let mut handles = handles;
     let result = (|| {
         // Writes may still be unanswered (see `Endpoint::settle`): a copy
         // has not succeeded until every one has.
@@ -477,8 +513,24 @@ fn finish(plan: &Plan, shared: &worker::Shared, handles: &mut [HandlePair]) -> R
                 d.flush()?;
             }
         }
-        for (s, d) in handles.iter_mut() {
+        let mut first = None;
+        for (i, (s, d)) in handles.drain(..).enumerate() {
+            if i == 0 && check.is_some() {
+                first = Some((s, d));
+                continue;
+            }
+            let (mut s, mut d) = (s, d);
             d.close()?;
+            s.close()?;
+        }
+        if let (Some((expected, size)), Some((mut s, d))) = (check, first) {
+            let spec = options.blkhash.unwrap_or_default();
+            let source: Option<&mut dyn Endpoint> = match plan.shape {
+                Shape::Segments { .. } => Some(s.as_mut()),
+                // A pipe cannot be read again to find where it differs.
+                Shape::Stream => None,
+            };
+            verify::verify(d, source, expected, spec, size, options)?;
             s.close()?;
         }
         Ok(())

@@ -207,6 +207,11 @@ fn shape(
         }
         _ => return Ok(Shape::Stream),
     };
+    if options.verify && options.is_range() {
+        return Err(Error::usage(
+            "--verify compares whole images: it cannot be combined with a range",
+        ));
+    }
     // The blkhash is of a whole image: its blocks are numbered from the
     // source's first byte.
     if options.blkhash.is_some() && options.is_range() {
@@ -325,6 +330,12 @@ impl Plan {
         cores: usize,
     ) -> Result<Plan> {
         options.validate()?;
+        if options.verify && !destination.capabilities.read_back {
+            return Err(
+                Error::usage("--verify needs a destination that can be read back")
+                    .with_endpoint(&destination.name),
+            );
+        }
         if destination.capabilities.read_only {
             return Err(
                 Error::new(ErrorKind::Unsupported, "the destination is read-only")

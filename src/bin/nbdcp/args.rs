@@ -17,6 +17,8 @@ use clap::{ArgAction, CommandFactory, Parser, ValueHint};
 pub const EXIT_FAILURE: i32 = 1;
 /// Exit status for a command line that could not be understood.
 pub const EXIT_USAGE: i32 = 2;
+/// Exit status for a `--verify` that found the destination differs.
+pub const EXIT_MISMATCH: i32 = 3;
 
 /// One line under the program's name, in `--help` and the manual's NAME.
 const ABOUT: &str = "Copy a disk image between NBD servers, files, block devices and pipes";
@@ -107,6 +109,11 @@ pub const EXIT_STATUS: &[(&str, &str)] = &[
         "2",
         "The command line could not be used: an unknown option, a bad value, a missing or \
          extra endpoint.",
+    ),
+    (
+        "3",
+        "--verify found that the destination differs from the source; the one line names \
+         the first block that differs.",
     ),
     (
         "130, 143",
@@ -347,6 +354,17 @@ pub struct Args {
     /// Write the blkhash to FILE instead of standard output.
     #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath, value_parser = clap::value_parser!(OsString))]
     pub blkhash_file: Option<OsString>,
+
+    /// After the copy, read the destination back and compare it with the
+    /// source.
+    ///
+    /// The destination is read with all connections (ranges it reports as
+    /// zero are not read) and its blkhash compared with the source's,
+    /// computed while copying. A match is reported on standard error with
+    /// the hash; a mismatch exits with status 3, naming the first block that
+    /// differs. Not with null: or a pipe as the destination.
+    #[arg(long)]
+    pub verify: bool,
 
     /// Say more (repeat for more detail).
     ///

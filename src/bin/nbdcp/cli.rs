@@ -16,7 +16,7 @@ use nbdcp::{
 };
 
 use crate::args::{self, Args};
-pub use crate::args::{EXIT_FAILURE, EXIT_USAGE};
+pub use crate::args::{EXIT_FAILURE, EXIT_MISMATCH, EXIT_USAGE};
 use crate::json::JsonProgress;
 use crate::progress::{FdProgress, Outcome, ProgressBar, human_bytes};
 use crate::signals;
@@ -112,6 +112,29 @@ pub struct Invocation {
     pub blkhash_file: Option<PathBuf>,
 }
 
+/// Where `--progress[=...]` asks for progress: a bar, or lines or JSON on
+/// an open descriptor.
+fn progress_to(value: Option<&str>) -> Result<Option<ProgressTo>, String> {
+    let value = match value {
+        None => return Ok(None),
+        Some("") => return Ok(Some(ProgressTo::Bar)),
+        Some(value) => value,
+    };
+    let (json, fd) = match value.strip_prefix("json:") {
+        Some(fd) => (true, fd),
+        None => (false, value),
+    };
+    match fd.parse::<i32>() {
+        // SAFETY: F_GETFD only asks whether the descriptor is open.
+        Ok(n) if n >= 0 && unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 => Ok(Some(if json {
+            ProgressTo::Json(n)
+        } else {
+            ProgressTo::Lines(n)
+        })),
+        _ => Err(format!("--progress={value}: not an open file descriptor")),
+    }
+}
+
 /// Parse the command line (including the program name). `Err` carries
 /// clap's own message and exit code for help, version and usage errors.
 pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
@@ -146,29 +169,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
             _ => EndpointSpec::parse(s),
         }
     };
-    let progress = match parsed.progress.as_deref() {
-        None => None,
-        Some("") => Some(ProgressTo::Bar),
-        Some(value) => {
-            let (json, fd) = match value.strip_prefix("json:") {
-                Some(fd) => (true, fd),
-                None => (false, value),
-            };
-            match fd.parse::<i32>() {
-                // SAFETY: F_GETFD only asks whether the descriptor is open.
-                Ok(n) if n >= 0 && unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 => Some(if json {
-                    ProgressTo::Json(n)
-                } else {
-                    ProgressTo::Lines(n)
-                }),
-                _ => {
-                    return Err(usage(format!(
-                        "--progress={value}: not an open file descriptor"
-                    )));
-                }
-            }
-        }
-    };
+    let progress = progress_to(parsed.progress.as_deref()).map_err(usage)?;
     let to_usize =
         |v: u64, what: &str| usize::try_from(v).map_err(|_| usage(format!("{what} is too large")));
     let mut options = CopyOptions::default();
@@ -193,6 +194,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, (String, i32)> {
     options.length = parsed.length;
     options.rate = parsed.rate;
     options.journal = parsed.journal;
+    options.verify = parsed.verify;
     options.blkhash = parsed
         .blkhash
         .as_deref()
@@ -468,10 +470,10 @@ fn conclude(inv: &Invocation, shown: &Shown, result: nbdcp::Result<CopyStats>) -
                 b.finish(Outcome::Stopped);
             }
             eprintln!("nbdcp: {e}");
-            let status = if e.kind() == ErrorKind::Usage {
-                EXIT_USAGE
-            } else {
-                EXIT_FAILURE
+            let status = match e.kind() {
+                ErrorKind::Usage => EXIT_USAGE,
+                ErrorKind::Mismatch => EXIT_MISMATCH,
+                _ => EXIT_FAILURE,
             };
             if let Some(j) = &shown.json {
                 j.error(&e.to_string(), Some(&e), status);
@@ -489,7 +491,22 @@ fn succeeded(inv: &Invocation, shown: &Shown, stats: &CopyStats) -> i32 {
     if let Some(p) = &shown.lines {
         p.finish();
     }
-    if let Some(hash) = &stats.blkhash {
+    if inv.options.verify {
+        if let Some(hash) = &stats.blkhash {
+            let spec = inv.options.blkhash.unwrap_or_default();
+            eprintln!(
+                "nbdcp: verified: the destination matches the source, {}/{} blkhash {}",
+                spec.algorithm,
+                human_size(spec.block_size),
+                hash
+            );
+        }
+    }
+    // The hash goes out when asked for (with --verify, --blkhash-file alone
+    // asks).
+    let wanted =
+        inv.options.blkhash.is_some() || (inv.options.verify && inv.blkhash_file.is_some());
+    if let Some(hash) = stats.blkhash.as_ref().filter(|_| wanted) {
         if let Err(msg) = write_blkhash(hash, inv.blkhash_file.as_deref()) {
             eprintln!("nbdcp: {msg}");
             if let Some(j) = &shown.json {
