@@ -32,6 +32,18 @@ if ((${#missing[@]})); then
 fi
 
 cargo fmt --all -- --check
+# The NBD crate builds alone, and an embedder of the library (no default
+# features) gets neither the command line's crates nor the copier's in it.
+cargo build --quiet -p nbdcp-nbd
+cargo build --quiet -p nbdcp --no-default-features --lib
+if cargo tree -p nbdcp --no-default-features -e normal | grep -E '(clap|env_logger|indicatif) v'; then
+    echo "scripts/test.sh: the library without its cli feature depends on the crates above" >&2
+    exit 1
+fi
+if cargo tree -p nbdcp-nbd -e normal | grep -E '^[^ ]*nbdcp v'; then
+    echo "scripts/test.sh: the NBD crate depends on the copier" >&2
+    exit 1
+fi
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace --quiet 2>&1
