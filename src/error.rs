@@ -33,6 +33,10 @@ pub enum ErrorKind {
     Cancelled,
     /// A request did not complete within the timeout.
     Timeout,
+    /// TLS with an NBD server could not be set up: it does not offer TLS
+    /// (or requires it), a key or certificate could not be loaded, or
+    /// either side did not accept the other's.
+    Tls,
 }
 
 /// What was being done when an error happened.
@@ -279,6 +283,7 @@ impl From<nbd::Error> for Error {
             nbd::ErrorKind::Protocol => ErrorKind::Protocol,
             nbd::ErrorKind::Server => ErrorKind::Server,
             nbd::ErrorKind::InvalidInput => ErrorKind::Usage,
+            nbd::ErrorKind::Tls => ErrorKind::Tls,
             _ => ErrorKind::Unsupported,
         };
         let os_errno = parts
