@@ -53,7 +53,11 @@ struct Negotiator<'a, S> {
 
 /// Hint for a plain-text client that met a server insisting on TLS.
 fn tls_hint() -> &'static str {
-    "; connect with an nbds:// or nbds+unix:// URI"
+    if cfg!(feature = "tls") {
+        "; connect with an nbds:// or nbds+unix:// URI"
+    } else {
+        "; connecting with TLS (nbds://) needs a build with TLS (cargo feature \"tls\")"
+    }
 }
 
 /// Show the first bytes a non-NBD peer sent, as text when printable: it is
