@@ -160,6 +160,65 @@ mod with_tls {
         }
     }
 
+    /// What is negotiated, shown by -v: TLS 1.3 with AES-128-GCM against
+    /// nbdkit; against qemu-nbd held to TLS 1.2 (its `priority=`), the
+    /// DHE-PSK and ECDHE-RSA suites with AES-128-GCM.
+    #[test]
+    fn negotiated_versions_and_suites() {
+        let pki = Pki::get();
+        let server = Server::nbdkit(&with(&nbdkit_psk_args(pki), &["pattern", "1M"]));
+        let done = run(&["-v", &psk_uri(&server.uri(), pki), "null:"]);
+        done.assert_ok();
+        assert!(
+            done.stderr.contains("TLS: TLSv1.3 TLS_AES_128_GCM_SHA256"),
+            "{}",
+            done.stderr
+        );
+
+        let tls12 = "priority=NORMAL:-VERS-TLS1.3";
+        let psk = format!(
+            "tls-creds-psk,id=tls0,dir={},endpoint=server,{tls12}:+ECDHE-PSK:+DHE-PSK:+PSK",
+            pki.psk_dir().display()
+        );
+        let x509 = format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on,{tls12}",
+            pki.server().display()
+        );
+        let cases = [
+            (psk, false, "TLS: TLSv1.2 DHE-PSK-AES128-GCM-SHA256"),
+            (x509, true, "TLS: TLSv1.2 ECDHE-RSA-AES128-GCM-SHA256"),
+        ];
+        let d = tmp();
+        let img = garbage(d.path(), "src.img", MIB);
+        for (object, tcp, want) in cases {
+            let args = [
+                "--object",
+                &object,
+                "--tls-creds",
+                "tls0",
+                "-r",
+                "-f",
+                "raw",
+                s(&img),
+            ];
+            let (server, uri) = if tcp {
+                let server = Server::qemu_nbd_tcp(&args);
+                let uri = x509_uri(&server.uri(), &pki.client());
+                (server, uri)
+            } else {
+                let server = Server::qemu_nbd(&args);
+                let uri = psk_uri(&server.uri(), pki);
+                (server, uri)
+            };
+            let out = d.path().join("out.img");
+            let done = run(&["-v", &uri, s(&out)]);
+            done.assert_ok();
+            assert!(done.stderr.contains(want), "{want}: {}", done.stderr);
+            drop(server);
+            assert_same_bytes(&img, &out);
+        }
+    }
+
     /// TLS on both sides at once: nbdkit with a pre-shared key as the
     /// source, qemu-nbd with certificates (serving 4 clients) as the
     /// destination.

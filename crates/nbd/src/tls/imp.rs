@@ -31,6 +31,20 @@ use crate::uri::{NbdUri, TlsSettings};
 const TLS13_SUITES: &str =
     "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
 
+/// TLS 1.2 suites for a pre-shared key, forward-secret ones first. Only
+/// PSK suites are offered: a GnuTLS server (nbdkit, qemu-nbd) takes the
+/// first suite of the client's it knows and fails the handshake if that
+/// one needs a certificate it does not have. OpenSSL has ECDHE-PSK only
+/// with ChaCha20 or CBC; DHE-PSK with AES-GCM is faster where AES
+/// instructions are.
+const TLS12_PSK_SUITES: &str = "DHE-PSK-AES128-GCM-SHA256:ECDHE-PSK-CHACHA20-POLY1305:\
+DHE-PSK-AES256-GCM-SHA384:DHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES128-CBC-SHA256:\
+PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-CHACHA20-POLY1305";
+
+/// TLS 1.2 suites for certificates: AES-128-GCM first, as in TLS 1.3,
+/// then OpenSSL's defaults.
+const TLS12_SUITES: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:DEFAULT";
+
 /// Encrypted bytes gathered before they go to the socket. OpenSSL hands
 /// over one record (at most 16 KiB of data) at a time; gathering a whole
 /// request (up to a batch) makes it one system call instead of one per
@@ -93,6 +107,8 @@ fn reasons(stack: &ErrorStack) -> String {
 fn psk_credentials(b: &mut SslContextBuilder, file: &Path, t: &TlsSettings) -> Result<Credentials> {
     let user = psk_identity(t)?;
     let key = load_psk(file, &user)?;
+    b.set_cipher_list(TLS12_PSK_SUITES)
+        .map_err(setup("TLS 1.2 PSK cipher suites"))?;
     let identity = user.clone();
     b.set_psk_client_callback(move |_ssl, _hint, id_buf, psk_buf| {
         let id = identity.as_bytes();
@@ -110,6 +126,8 @@ fn psk_credentials(b: &mut SslContextBuilder, file: &Path, t: &TlsSettings) -> R
 }
 
 fn x509_credentials(b: &mut SslContextBuilder, t: &TlsSettings) -> Result<Credentials> {
+    b.set_cipher_list(TLS12_SUITES)
+        .map_err(setup("TLS 1.2 cipher suites"))?;
     let dir = certificate_dir(t)?;
     let file = |name: &str| dir.as_ref().map(|d| d.join(name)).filter(|p| p.is_file());
     let ca = file(CA_CERT);
