@@ -24,10 +24,13 @@ use crate::transport::Transport;
 use crate::uri::{NbdUri, TlsSettings};
 
 /// TLS 1.3 suites, fastest first where the CPU has AES instructions (as
-/// every x86-64 and arm64 server has): AES-128-GCM costs about two thirds
-/// of AES-256-GCM, and ChaCha20 is for CPUs without AES. GnuTLS servers
-/// take the client's order. A pre-shared key from a psktool file is used
-/// with SHA-256, which leaves the first and the last.
+/// x86-64 and arm64 servers have). `openssl speed -evp`, 16 KiB blocks,
+/// on the 2-core EPYC this was measured on: AES-128-GCM 4.46 GB/s,
+/// AES-256-GCM 4.19 GB/s, ChaCha20-Poly1305 3.70 GB/s. GnuTLS servers
+/// take the client's order; libnbd's own order gets ChaCha20-Poly1305
+/// from nbdkit with a pre-shared key and AES-256-GCM from qemu-nbd. A
+/// pre-shared key from a psktool file is used with SHA-256, which leaves
+/// the first and the last.
 const TLS13_SUITES: &str =
     "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
 
@@ -184,8 +187,11 @@ impl TlsContext {
         b.set_min_proto_version(Some(SslVersion::TLS1_2))
             .map_err(setup("TLS"))?;
         b.set_ciphersuites(TLS13_SUITES).map_err(setup("TLS"))?;
-        // Read whole runs of records per system call, not a header and
-        // then a record.
+        // One system call per record, not one for its header and one for
+        // the rest. (A read buffer of 64 or 256 KiB instead of one record,
+        // through SSL_CTX_set_default_read_buffer_len, made a quarter of
+        // the reads but no less CPU: 1 GiB from nbdkit over TCP, 0.54 to
+        // 0.67 s with one record, 0.64 to 0.79 s with 256 KiB.)
         b.set_read_ahead(true);
         let credentials = match &t.psk_file {
             Some(file) => psk_credentials(&mut b, file, &t)?,
