@@ -12,6 +12,12 @@ command -v nbdcopy >/dev/null 2>&1 || missing+=(libnbd-bin)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v script >/dev/null 2>&1 || missing+=(bsdutils)
 command -v groff >/dev/null 2>&1 || missing+=(groff-base)
+# TLS: the openssl crate builds against the system's OpenSSL (found with
+# pkg-config), and the TLS tests make their certificates and keys with
+# certtool and psktool.
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+{ command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openssl; } || missing+=(libssl-dev)
+{ command -v certtool && command -v psktool; } >/dev/null 2>&1 || missing+=(gnutls-bin)
 
 if ((${#missing[@]})); then
     echo "scripts/test.sh: installing ${missing[*]}" >&2

@@ -35,6 +35,10 @@ pub enum ErrorKind {
     Timeout,
     /// `--verify` found the destination differs from the source.
     Mismatch,
+    /// TLS with an NBD server could not be set up: it does not offer TLS
+    /// (or requires it), a key or certificate could not be loaded, or
+    /// either side did not accept the other's.
+    Tls,
 }
 
 /// What was being done when an error happened.
@@ -284,6 +288,7 @@ impl From<nbd::Error> for Error {
             nbd::ErrorKind::Protocol => ErrorKind::Protocol,
             nbd::ErrorKind::Server => ErrorKind::Server,
             nbd::ErrorKind::InvalidInput => ErrorKind::Usage,
+            nbd::ErrorKind::Tls => ErrorKind::Tls,
             _ => ErrorKind::Unsupported,
         };
         let os_errno = parts

@@ -768,23 +768,6 @@ fn unknown_export_name_is_named() {
 }
 
 #[test]
-fn tls_uris_are_refused_clearly() {
-    let d = tmp();
-    let out = d.path().join("out.img");
-    for uri in [
-        "nbds://127.0.0.1:10809/x",
-        "nbds+unix:///?socket=/nonexistent.sock",
-    ] {
-        // Status 1 (unsupported), though the message calls it a bad URI.
-        let done = run(&[uri, s(&out)]);
-        let err = done.assert_clean_failure(uri);
-        assert!(err.starts_with(&format!("nbdcp: {uri}: ")), "{err}");
-        assert!(err.contains("TLS"), "{uri}: {err}");
-    }
-    assert!(!out.exists());
-}
-
-#[test]
 fn bad_uris_are_usage_errors() {
     let d = tmp();
     let out = d.path().join("out.img");

@@ -585,6 +585,9 @@ pub fn uri() -> Vec<(String, Vec<u8>)> {
         "nbd://h/%ff",
         "nbd://%5B%3A%5D/%3F%23",
         "http://host/",
+        "nbds://alice@host:10810/e?tls-psk-file=/k&tls-username=bob&tls-hostname=h&tls-verify-peer=off",
+        "nbds+unix://a%40b@/e?socket=/s&tls-certificates=/c%20d%FF",
+        "nbds://h/?tls-verify-peer=maybe&tls-hostname=",
     ]
     .iter()
     .enumerate()

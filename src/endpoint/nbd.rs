@@ -60,6 +60,9 @@ struct Target {
     /// The server nbdcp started, shared by every connection to it; it is
     /// stopped when the last one is dropped.
     server: Option<Arc<ServerProcess>>,
+    /// TLS credentials, read once and shared by every connection (the
+    /// extra ones and reconnections too), for a URI that requires TLS.
+    tls: Option<Arc<nbd::TlsContext>>,
 }
 
 /// What lets another thread break the current connection off. Reconnecting
@@ -101,14 +104,27 @@ impl NbdEndpoint {
         opts: &OpenOptions,
         writable: bool,
     ) -> Result<NbdEndpoint> {
+        let tls = match &uri.tls {
+            Some(_) => Some(Arc::new(nbd::TlsContext::new(uri).map_err(|e| {
+                Error::from(e)
+                    .with_endpoint(name)
+                    .with_operation(Operation::Connect)
+            })?)),
+            None => None,
+        };
         let target = Target {
             name: name.to_string(),
             uri: uri.clone(),
             opts: opts.clone(),
             writable,
             server: None,
+            tls,
         };
-        NbdEndpoint::open(target, opts.timeout)
+        let ep = NbdEndpoint::open(target, opts.timeout)?;
+        if let Some(tls) = ep.client.tls_description() {
+            log::info!("{name}: {tls}");
+        }
+        Ok(ep)
     }
 
     /// Start `argv` as a socket-activated NBD server and connect to it.
@@ -129,6 +145,7 @@ impl NbdEndpoint {
             opts: opts.clone(),
             writable,
             server: None,
+            tls: None,
         };
         match NbdEndpoint::open(target, opts.timeout) {
             Ok(mut ep) => {
@@ -163,6 +180,7 @@ impl NbdEndpoint {
         let copts = ClientOptions {
             name: target.name.clone(),
             timeout,
+            tls: target.tls.clone(),
         };
         let context = |e: nbd::Error| {
             let e = Error::from(e)

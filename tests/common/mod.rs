@@ -37,6 +37,8 @@ mod image;
 mod nbdkit_log;
 mod run;
 mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use image::*;
 pub use nbdkit_log::*;

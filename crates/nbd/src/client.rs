@@ -20,8 +20,11 @@ use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use super::handshake::{Negotiated, negotiate};
+use std::sync::Arc;
+
+use super::handshake::{Handshake, Negotiated};
 use super::splice::{MIN_SPLICE_PAYLOAD, SpliceError, SplicePipe};
+use super::tls::TlsContext;
 use super::transport::Transport;
 use super::uri::NbdUri;
 use super::wire::*;
@@ -36,6 +39,10 @@ pub struct ClientOptions {
     pub name: String,
     /// Bound on connecting and on every socket read or write.
     pub timeout: Option<Duration>,
+    /// TLS credentials made ready earlier, for a URI that requires TLS:
+    /// share one between the connections to a server so that its files
+    /// are read once. Unset, [`Client::connect`] makes one from the URI.
+    pub tls: Option<Arc<TlsContext>>,
 }
 
 /// A read request the client can fill: an offset and a buffer. Implemented
@@ -252,7 +259,8 @@ impl Interrupter {
 /// One NBD connection.
 #[derive(Debug)]
 pub struct Client {
-    /// All reads go through this buffer; writes go to `reader.get_ref()`.
+    /// All reads go through this buffer; writes go to `reader.get_mut()`,
+    /// past the buffer.
     reader: BufReader<Transport>,
     /// Lends large write payloads to a Unix socket instead of copying
     /// them (see [`super::splice`]); made on the first large write.
@@ -296,16 +304,39 @@ impl Client {
         } else {
             opts.name.clone()
         };
+        let tls = match (&uri.tls, &opts.tls) {
+            (None, _) => None,
+            (Some(_), Some(ctx)) => Some(Arc::clone(ctx)),
+            (Some(_), None) => Some(Arc::new(TlsContext::new(uri)?)),
+        };
         let transport =
             Transport::connect(uri, opts.timeout).map_err(|e| Error::io(Operation::Connect, e))?;
-        Client::handshake(transport, uri.export(), &name)
+        Client::handshake_with(transport, uri.export(), &name, tls.as_deref())
     }
 
     /// Negotiate `export` on an already connected transport (a socketpair
     /// with a server subprocess, or a test peer).
     pub fn handshake(transport: Transport, export: &str, name: &str) -> Result<Client> {
+        Client::handshake_with(transport, export, name, None)
+    }
+
+    /// [`Client::handshake`], with TLS if `tls` is given: `NBD_OPT_STARTTLS`
+    /// first, then the TLS handshake, then every other option and all of
+    /// transmission inside TLS.
+    pub fn handshake_with(
+        transport: Transport,
+        export: &str,
+        name: &str,
+        tls: Option<&TlsContext>,
+    ) -> Result<Client> {
         let mut transport = transport;
-        let neg = negotiate(&mut transport, export, name)?;
+        let mut h = Handshake::new(export, name);
+        h.greeting(&mut transport)?;
+        if let Some(ctx) = tls {
+            h.start_tls(&mut transport)?;
+            transport = ctx.handshake(transport, name)?;
+        }
+        let neg = h.finish(&mut transport)?;
         Ok(Client::new(transport, neg, name))
     }
 
@@ -416,9 +447,19 @@ impl Client {
         self.has(NBD_FLAG_READ_ONLY)
     }
 
-    /// The connection is TCP (not a Unix socket).
+    /// The connection is TCP (not a Unix socket), with or without TLS.
     pub fn is_tcp(&self) -> bool {
-        matches!(self.reader.get_ref(), Transport::Tcp(_))
+        self.reader.get_ref().is_tcp()
+    }
+
+    /// The connection runs inside TLS.
+    pub fn is_tls(&self) -> bool {
+        self.reader.get_ref().is_tls()
+    }
+
+    /// What TLS negotiated (version and cipher suite), if it is on.
+    pub fn tls_description(&self) -> Option<String> {
+        self.reader.get_ref().tls_description()
     }
 
     /// Several connections see one another's writes after a flush.
@@ -527,6 +568,7 @@ impl Client {
     /// TCP lent pages measured slower (nbdkit memory to memory over
     /// loopback, 2 GiB: 1.91 s and 1.41 s of CPU against 1.59 s and
     /// 1.08 s copied), as the stack then handles many small fragments.
+    /// Under TLS nothing can be lent: the socket carries ciphertext.
     fn splice_pipe(&mut self, len: usize) -> bool {
         if len < MIN_SPLICE_PAYLOAD {
             return false;
@@ -540,7 +582,7 @@ impl Client {
                         Splicing::Off
                     }
                 },
-                Transport::Tcp(_) => Splicing::Off,
+                _ => Splicing::Off,
             };
         }
         matches!(self.splice, Splicing::On(_))
@@ -549,7 +591,7 @@ impl Client {
     /// Put a request header and its payload on the socket.
     fn send_bytes(&mut self, header: &[u8], payload: &[u8], may_lend: bool) -> io::Result<()> {
         let lend = may_lend && self.splice_pipe(payload.len());
-        let socket = self.reader.get_ref();
+        let socket = self.reader.get_mut();
         let pipe = match &self.splice {
             Splicing::On(pipe) if lend => pipe,
             _ => {
@@ -558,15 +600,14 @@ impl Client {
             }
         };
         self.lent = true;
-        let mut w = socket;
-        w.write_all(header)?;
+        socket.write_all(header)?;
         match pipe.send(socket.as_raw_fd(), payload) {
             Ok(()) => Ok(()),
             Err(SpliceError::Failed(e)) => Err(e),
             Err(SpliceError::Unavailable(e)) => {
                 log::debug!("{}: not lending payloads: {e}", self.name);
                 self.splice = Splicing::Off;
-                w.write_all(payload)
+                socket.write_all(payload)
             }
         }
     }
@@ -1359,9 +1400,12 @@ impl Client {
             length: 0,
         }
         .encode();
-        let mut sock = self.reader.get_ref();
-        let sent = io::Write::write_all(&mut sock, &header);
-        let _ = self.reader.get_ref().shutdown(Shutdown::Write);
+        let sock = self.reader.get_mut();
+        let sent = io::Write::write_all(sock, &header);
+        if sent.is_ok() {
+            sock.close_tls();
+        }
+        let _ = sock.shutdown(Shutdown::Write);
         self.dead = Some((ErrorKind::Io, "disconnected".to_string()));
         sent.map_err(|e| Error::io(Operation::Disconnect, e))
     }

@@ -34,6 +34,11 @@ pub enum ErrorKind {
     /// The caller asked for something impossible: a malformed URI, an
     /// offset that overflows.
     InvalidInput,
+    /// TLS could not be set up: the server does not offer it (or insists
+    /// on it), a credential could not be loaded, or the TLS handshake
+    /// failed (a key or certificate not accepted, by either side).
+    /// Retrying does not help.
+    Tls,
 }
 
 /// What was being done when an error happened.

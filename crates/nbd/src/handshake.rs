@@ -1,6 +1,9 @@
 //! Client side of the fixed newstyle handshake.
 //!
-//! Order of business: greeting and client flags; `NBD_OPT_STRUCTURED_REPLY`
+//! Order of business: greeting and client flags; for TLS,
+//! `NBD_OPT_STARTTLS` before any other option, after which the caller
+//! upgrades the stream and everything else goes through TLS
+//! ([`Handshake`]); `NBD_OPT_STRUCTURED_REPLY`
 //! (sparse reads and error messages); `NBD_OPT_SET_META_CONTEXT` for
 //! `base:allocation` (only possible with structured replies);
 //! `NBD_OPT_GO` asking for block size constraints, falling back to
@@ -42,6 +45,19 @@ struct Negotiator<'a, S> {
     export: &'a str,
     /// Bytes read from the server so far.
     received: usize,
+    /// The stream runs TLS already.
+    tls: bool,
+    /// TLS has just been set up and no reply has come through it yet.
+    tls_fresh: bool,
+}
+
+/// Hint for a plain-text client that met a server insisting on TLS.
+fn tls_hint() -> &'static str {
+    if cfg!(feature = "tls") {
+        "; connect with an nbds:// or nbds+unix:// URI"
+    } else {
+        "; connecting with TLS (nbds://) needs a build with TLS (cargo feature \"tls\")"
+    }
 }
 
 /// Show the first bytes a non-NBD peer sent, as text when printable: it is
@@ -69,7 +85,25 @@ impl<S: Read + Write> Negotiator<'_, S> {
     }
 
     fn io(&self, e: io::Error) -> Error {
-        let e = if e.kind() == io::ErrorKind::UnexpectedEof {
+        use io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+        if self.tls_fresh && matches!(e.kind(), BrokenPipe | ConnectionReset | UnexpectedEof) {
+            // A TLS 1.3 server checks the client's certificate after the
+            // client has finished its side of the handshake, and one that
+            // refuses it just hangs up.
+            let what = if e.kind() == UnexpectedEof {
+                "closed the connection".to_string()
+            } else {
+                format!("dropped the connection ({e})")
+            };
+            return Error::new(
+                ErrorKind::Tls,
+                format!(
+                    "the server {what} right after the TLS handshake: it did not accept our credentials (a server that checks client certificates wants client-cert.pem and client-key.pem in the tls-certificates directory)"
+                ),
+            )
+            .during(OP);
+        }
+        let e = if e.kind() == UnexpectedEof {
             io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "server closed the connection during the handshake",
@@ -119,6 +153,7 @@ impl<S: Read + Write> Negotiator<'_, S> {
         }
         let mut payload = vec![0u8; hdr.length as usize];
         self.read_exact(&mut payload)?;
+        self.tls_fresh = false;
         Ok((hdr, payload))
     }
 
@@ -147,12 +182,13 @@ impl<S: Read + Write> Negotiator<'_, S> {
     /// Errors that end negotiation whatever option they answer.
     fn fatal_option_error(&mut self, hdr: &OptionReplyHeader, payload: &[u8]) -> Option<Error> {
         let err = match hdr.reply_type {
+            NBD_REP_ERR_TLS_REQD if self.tls => self.proto(format!(
+                "server asked for TLS on a connection already using it{}",
+                server_said(payload)
+            )),
             NBD_REP_ERR_TLS_REQD => self.fail(
-                ErrorKind::Unsupported,
-                format!(
-                    "server requires TLS, which is not supported yet{}",
-                    server_said(payload)
-                ),
+                ErrorKind::Tls,
+                format!("server requires TLS{}{}", server_said(payload), tls_hint()),
             ),
             NBD_REP_ERR_SHUTDOWN => self.fail(
                 ErrorKind::Server,
@@ -211,6 +247,34 @@ impl<S: Read + Write> Negotiator<'_, S> {
         }
         self.write_all(&encode_client_flags(client))?;
         Ok(no_zeroes)
+    }
+
+    /// `NBD_OPT_STARTTLS`: anything but an acknowledgement ends the
+    /// connection, as TLS was asked for and plain text will not do.
+    fn start_tls(&mut self) -> Result<()> {
+        self.send_option(NBD_OPT_STARTTLS, &[])?;
+        let (hdr, payload) = self.read_reply(NBD_OPT_STARTTLS)?;
+        match hdr.reply_type {
+            NBD_REP_ACK => Ok(()),
+            _ if hdr.is_error() => {
+                self.abort();
+                let what = match hdr.reply_type {
+                    NBD_REP_ERR_UNSUP | NBD_REP_ERR_POLICY => "server does not offer TLS",
+                    _ => "server refused to start TLS",
+                };
+                Err(self.fail(
+                    ErrorKind::Tls,
+                    format!(
+                        "{what}: {}; TLS was required, so not continuing in plain text",
+                        Self::describe_error(&hdr, &payload)
+                    ),
+                ))
+            }
+            t => Err(self.proto(format!(
+                "unexpected {} reply to NBD_OPT_STARTTLS",
+                option_reply_name(t)
+            ))),
+        }
     }
 
     fn structured_replies(&mut self) -> Result<bool> {
@@ -310,7 +374,8 @@ impl<S: Read + Write> Negotiator<'_, S> {
                 _ if hdr.is_error() => {
                     let msg = Self::describe_error(&hdr, &payload);
                     let kind = match hdr.reply_type {
-                        NBD_REP_ERR_TLS_REQD => ErrorKind::Unsupported,
+                        NBD_REP_ERR_TLS_REQD if self.tls => ErrorKind::Protocol,
+                        NBD_REP_ERR_TLS_REQD => ErrorKind::Tls,
                         // We always ask for block sizes, so this is the
                         // server not following the protocol.
                         NBD_REP_ERR_BLOCK_SIZE_REQD => ErrorKind::Protocol,
@@ -318,9 +383,14 @@ impl<S: Read + Write> Negotiator<'_, S> {
                     };
                     let msg = if hdr.reply_type == NBD_REP_ERR_TLS_REQD {
                         format!(
-                            "server requires TLS for export '{}', and TLS is not supported yet{}",
+                            "server requires TLS for export '{}'{}{}",
                             self.export,
-                            server_said(&payload)
+                            server_said(&payload),
+                            if self.tls {
+                                " (on a TLS connection)"
+                            } else {
+                                tls_hint()
+                            }
                         )
                     } else {
                         format!("server refused export '{}': {msg}", self.export)
@@ -404,46 +474,123 @@ pub fn validate_block_size(name: &str, min: u32, pref: u32, max: u32) -> Option<
     }
 }
 
-/// Run the handshake on a freshly connected stream for `export`. `name`
-/// names the server in log messages.
-pub fn negotiate<S: Read + Write>(stream: &mut S, export: &str, name: &str) -> Result<Negotiated> {
-    let mut n = Negotiator {
-        stream,
-        name,
-        export,
-        received: 0,
-    };
-    let no_zeroes = n.greeting()?;
-    let structured_replies = n.structured_replies()?;
-    let base_allocation = if structured_replies {
-        n.base_allocation()?
-    } else {
-        None
-    };
-    let (size, flags, block_size) = match n.go()? {
-        Some(r) => r,
-        None => {
-            log::debug!("{name}: server does not support NBD_OPT_GO; using NBD_OPT_EXPORT_NAME");
-            let (size, flags) = n.export_name(no_zeroes)?;
-            (size, flags, None)
+/// The handshake in its phases, for a stream that changes in between:
+/// [`Handshake::greeting`] on the plain socket, [`Handshake::start_tls`]
+/// if TLS is wanted (the caller then runs the TLS handshake on the same
+/// socket), and [`Handshake::finish`] on whichever stream is in use.
+/// [`negotiate`] runs it without TLS.
+#[derive(Debug)]
+pub struct Handshake<'a> {
+    export: &'a str,
+    name: &'a str,
+    received: usize,
+    no_zeroes: bool,
+    tls: bool,
+    tls_fresh: bool,
+}
+
+impl<'a> Handshake<'a> {
+    /// A handshake for `export`; `name` names the server in log messages.
+    pub fn new(export: &'a str, name: &'a str) -> Handshake<'a> {
+        Handshake {
+            export,
+            name,
+            received: 0,
+            no_zeroes: false,
+            tls: false,
+            tls_fresh: false,
         }
-    };
-    let flags = if flags & NBD_FLAG_HAS_FLAGS == 0 {
-        log::debug!("{name}: server did not set NBD_FLAG_HAS_FLAGS; assuming no features");
-        0
-    } else {
-        flags
-    };
-    log::debug!(
-        "{name}: export size {size}, flags {flags:#06x}, structured replies {structured_replies}, base:allocation {base_allocation:?}, block size {block_size:?}"
-    );
-    Ok(Negotiated {
-        size,
-        flags,
-        block_size,
-        structured_replies,
-        base_allocation,
-    })
+    }
+
+    fn run<S: Read + Write, T>(
+        &mut self,
+        stream: &mut S,
+        phase: impl FnOnce(&mut Negotiator<'_, S>) -> Result<T>,
+    ) -> Result<T> {
+        let mut n = Negotiator {
+            stream,
+            name: self.name,
+            export: self.export,
+            received: self.received,
+            tls: self.tls,
+            tls_fresh: self.tls_fresh,
+        };
+        let r = phase(&mut n);
+        self.received = n.received;
+        self.tls_fresh = n.tls_fresh;
+        r
+    }
+
+    /// Read the server's greeting and send the client flags.
+    pub fn greeting<S: Read + Write>(&mut self, stream: &mut S) -> Result<()> {
+        self.no_zeroes = self.run(stream, |n| n.greeting())?;
+        Ok(())
+    }
+
+    /// Ask for TLS (`NBD_OPT_STARTTLS`), as the first option. On success
+    /// the caller must run the TLS handshake on the socket at once, and
+    /// pass the TLS stream to [`Handshake::finish`]; any refusal is an
+    /// [`ErrorKind::Tls`] error, never a fallback to plain text.
+    pub fn start_tls<S: Read + Write>(&mut self, stream: &mut S) -> Result<()> {
+        self.run(stream, |n| n.start_tls())?;
+        self.tls = true;
+        self.tls_fresh = true;
+        Ok(())
+    }
+
+    /// Negotiate the options and the export.
+    pub fn finish<S: Read + Write>(&mut self, stream: &mut S) -> Result<Negotiated> {
+        let no_zeroes = self.no_zeroes;
+        self.run(stream, |n| n.options(no_zeroes))
+    }
+}
+
+impl<S: Read + Write> Negotiator<'_, S> {
+    /// Everything after the greeting (and TLS): structured replies,
+    /// `base:allocation`, then the export.
+    fn options(&mut self, no_zeroes: bool) -> Result<Negotiated> {
+        let name = self.name;
+        let structured_replies = self.structured_replies()?;
+        let base_allocation = if structured_replies {
+            self.base_allocation()?
+        } else {
+            None
+        };
+        let (size, flags, block_size) = match self.go()? {
+            Some(r) => r,
+            None => {
+                log::debug!(
+                    "{name}: server does not support NBD_OPT_GO; using NBD_OPT_EXPORT_NAME"
+                );
+                let (size, flags) = self.export_name(no_zeroes)?;
+                (size, flags, None)
+            }
+        };
+        let flags = if flags & NBD_FLAG_HAS_FLAGS == 0 {
+            log::debug!("{name}: server did not set NBD_FLAG_HAS_FLAGS; assuming no features");
+            0
+        } else {
+            flags
+        };
+        log::debug!(
+            "{name}: export size {size}, flags {flags:#06x}, structured replies {structured_replies}, base:allocation {base_allocation:?}, block size {block_size:?}"
+        );
+        Ok(Negotiated {
+            size,
+            flags,
+            block_size,
+            structured_replies,
+            base_allocation,
+        })
+    }
+}
+
+/// Run the handshake, without TLS, on a freshly connected stream for
+/// `export`. `name` names the server in log messages.
+pub fn negotiate<S: Read + Write>(stream: &mut S, export: &str, name: &str) -> Result<Negotiated> {
+    let mut h = Handshake::new(export, name);
+    h.greeting(stream)?;
+    h.finish(stream)
 }
 
 #[cfg(test)]
@@ -468,6 +615,143 @@ mod tests {
     }
 
     const MODERN: u16 = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
+
+    /// [`run`] with `NBD_OPT_STARTTLS` asked for; the "TLS session" is the
+    /// same plain stream, which is all the NBD side can tell.
+    fn run_tls<F>(export: &str, server: F) -> Result<Negotiated>
+    where
+        F: FnOnce(&mut Peer) -> io::Result<()> + Send + 'static,
+    {
+        let (mut c, mut p) = Peer::pair();
+        let t = thread::spawn(move || server(&mut p));
+        let mut h = Handshake::new(export, "test");
+        let r = h
+            .greeting(&mut c)
+            .and_then(|()| h.start_tls(&mut c))
+            .and_then(|()| h.finish(&mut c));
+        drop(c);
+        t.join().unwrap().unwrap();
+        r
+    }
+
+    /// The rest of a handshake after TLS: no structured replies, an
+    /// export of `size` bytes through `NBD_OPT_GO`.
+    fn plain_go(p: &mut Peer, size: u64) -> io::Result<()> {
+        let (opt, _) = p.option()?;
+        assert_eq!(opt, NBD_OPT_STRUCTURED_REPLY);
+        p.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?;
+        let (opt, _) = p.option()?;
+        assert_eq!(opt, NBD_OPT_GO);
+        let info = Info::Export {
+            size,
+            flags: NBD_FLAG_HAS_FLAGS,
+        };
+        p.info(opt, &info)?;
+        p.ack(opt)
+    }
+
+    #[test]
+    fn starttls_comes_first_then_everything_else() {
+        let n = run_tls("x", |p| {
+            p.greet(MODERN)?;
+            p.client_flags()?;
+            let (opt, data) = p.option()?;
+            assert_eq!((opt, data.len()), (NBD_OPT_STARTTLS, 0));
+            p.ack(opt)?;
+            plain_go(p, 512)
+        })
+        .unwrap();
+        assert_eq!(n.size, 512);
+    }
+
+    #[test]
+    fn starttls_refusals_never_fall_back_to_plain_text() {
+        let cases = [
+            (
+                NBD_REP_ERR_UNSUP,
+                "server does not offer TLS: option not supported",
+            ),
+            (
+                NBD_REP_ERR_POLICY,
+                "server does not offer TLS: forbidden by server policy",
+            ),
+            (
+                NBD_REP_ERR_INVALID,
+                "server refused to start TLS: invalid request",
+            ),
+        ];
+        for (reply, want) in cases {
+            let e = run_tls("x", move |p| {
+                p.greet(MODERN)?;
+                p.client_flags()?;
+                let (opt, _) = p.option()?;
+                assert_eq!(opt, NBD_OPT_STARTTLS);
+                p.option_reply(opt, reply, b"no TLS here")?;
+                // The client gives up politely; nothing else is asked.
+                let (opt, _) = p.option()?;
+                assert_eq!(opt, NBD_OPT_ABORT);
+                Ok(())
+            })
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Tls, "{want}");
+            let msg = e.to_string();
+            assert!(msg.contains(want), "{msg}");
+            assert!(msg.contains("no TLS here"), "{msg}");
+            assert!(msg.contains("not continuing in plain text"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn starttls_odd_replies() {
+        let e = run_tls("x", |p| {
+            p.greet(MODERN)?;
+            p.client_flags()?;
+            let (opt, _) = p.option()?;
+            p.option_reply(opt, NBD_REP_SERVER, &[])
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(e.to_string().contains("reply to NBD_OPT_STARTTLS"), "{e}");
+        // Asking for TLS again inside TLS is the server's mistake.
+        let e = run_tls("x", |p| {
+            p.greet(MODERN)?;
+            p.client_flags()?;
+            let (opt, _) = p.option()?;
+            p.ack(opt)?;
+            let (opt, _) = p.option()?;
+            p.option_reply(opt, NBD_REP_ERR_TLS_REQD, &[])
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(e.to_string().contains("already using it"), "{e}");
+    }
+
+    #[test]
+    fn hanging_up_right_after_tls_blames_the_credentials() {
+        let e = run_tls("x", |p| {
+            p.greet(MODERN)?;
+            p.client_flags()?;
+            let (opt, _) = p.option()?;
+            p.ack(opt)
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Tls);
+        assert!(
+            e.to_string().contains("right after the TLS handshake"),
+            "{e}"
+        );
+        // Later, a hang-up is an ordinary I/O error.
+        let e = run_tls("x", |p| {
+            p.greet(MODERN)?;
+            p.client_flags()?;
+            let (opt, _) = p.option()?;
+            p.ack(opt)?;
+            let (opt, _) = p.option()?;
+            p.option_reply(opt, NBD_REP_ERR_UNSUP, &[])
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io);
+    }
 
     #[test]
     fn happy_path_with_go() {
@@ -624,7 +908,7 @@ mod tests {
             p.option_reply(opt, NBD_REP_ERR_TLS_REQD, b"TLS first")
         })
         .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert_eq!(e.kind(), ErrorKind::Tls);
         assert!(e.to_string().contains("server requires TLS"), "{e}");
         assert!(e.to_string().contains("TLS first"), "{e}");
     }
@@ -642,7 +926,7 @@ mod tests {
             p.option_reply(opt, NBD_REP_ERR_TLS_REQD, &[])
         })
         .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert_eq!(e.kind(), ErrorKind::Tls);
         assert!(
             e.to_string()
                 .contains("server requires TLS for export 'secret'"),

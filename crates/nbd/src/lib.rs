@@ -6,17 +6,23 @@
 //!
 //! - [`wire`]: constants and message encoding/decoding, no I/O, every
 //!   length bounded before anything is allocated;
-//! - [`transport`]: TCP or Unix socket, tuned for bulk transfer;
+//! - [`transport`]: TCP or Unix socket, tuned for bulk transfer, or
+//!   either inside TLS;
+//! - [`tls`]: TLS credentials (X.509 or pre-shared keys) and the TLS
+//!   handshake after `NBD_OPT_STARTTLS` (cargo feature `tls`, on by
+//!   default, through the system's OpenSSL);
 //! - [`handshake`]: fixed newstyle negotiation (structured replies,
 //!   `base:allocation`, `NBD_OPT_GO` with block sizes, `NBD_OPT_EXPORT_NAME`
 //!   fallback);
 //! - [`client`]: one connection with pipelined requests;
-//! - [`uri`]: `nbd://` and `nbd+unix://` URIs;
+//! - [`uri`]: `nbd://`, `nbd+unix://`, `nbds://` and `nbds+unix://`
+//!   URIs;
 //! - [`error`]: one error type, with kind, operation, offset and length,
 //!   the server's errno and the underlying cause.
 //!
-//! TLS is not supported yet; TLS URIs and servers that insist on TLS give
-//! an [`ErrorKind::Unsupported`] error.
+//! `nbds` URIs require TLS: a server that does not offer it is an
+//! [`ErrorKind::Tls`] error, never a fallback to plain text. Built without
+//! the `tls` feature, connecting to one says TLS was not built in.
 #![deny(missing_docs)]
 
 pub mod block_size;
@@ -24,6 +30,7 @@ pub mod client;
 pub mod error;
 pub mod handshake;
 pub mod splice;
+pub mod tls;
 pub mod transport;
 pub mod uri;
 pub mod wire;
@@ -35,5 +42,6 @@ pub use block_size::BlockSize;
 pub use client::{Client, ClientOptions, Interrupter, ReadRequest, WriteCmd};
 pub use error::{Error, ErrorKind, Operation, Result, ServerErrno};
 pub use handshake::Negotiated;
+pub use tls::TlsContext;
 pub use transport::Transport;
-pub use uri::{NbdAddress, NbdUri};
+pub use uri::{NbdAddress, NbdUri, TlsSettings};

@@ -1,4 +1,5 @@
-//! The byte stream under an NBD connection: a TCP or Unix domain socket.
+//! The byte stream under an NBD connection: a TCP or Unix domain socket,
+//! or either one inside TLS.
 //!
 //! Sockets are blocking (one thread drives one connection) and TCP ones
 //! have Nagle's algorithm off (the protocol asks for it: small request
@@ -20,12 +21,19 @@ use super::uri::{NbdAddress, NbdUri};
 pub const SOCKET_BUFFER_SIZE: usize = 4 * 1024 * 1024;
 
 /// A connected stream socket.
+///
+/// Reads and writes need `&mut`: a TLS session changes state with each.
+/// A buffered reader can own the transport and writes still go straight
+/// to it through `BufReader::get_mut`, which bypasses only the buffer.
 #[derive(Debug)]
 pub enum Transport {
     /// TCP connection.
     Tcp(TcpStream),
     /// Unix domain socket connection.
     Unix(UnixStream),
+    /// A TCP or Unix socket inside TLS.
+    #[cfg(feature = "tls")]
+    Tls(Box<crate::tls::TlsStream>),
 }
 
 /// Set a Unix socket's buffer sizes; the kernel may clamp them, and a
@@ -68,16 +76,64 @@ impl Transport {
     /// segment of its own, which costs far less. On Unix sockets one
     /// vectored write is faster (qcow2 to qcow2 through qemu-nbd: 0.72 s
     /// against 0.85 s), so it stays.
-    pub fn send_message(&self, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
-        let mut w = self;
+    ///
+    /// Under TLS the parts are encrypted into records that then go to the
+    /// socket in one write.
+    pub fn send_message(&mut self, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
         match self {
-            Transport::Tcp(_) => {
+            Transport::Tcp(s) => {
+                let mut w: &TcpStream = s;
                 for part in parts.iter() {
                     w.write_all(part)?;
                 }
                 Ok(())
             }
-            Transport::Unix(_) => write_all_vectored(&mut w, parts),
+            Transport::Unix(s) => write_all_vectored(&mut &*s, parts),
+            #[cfg(feature = "tls")]
+            Transport::Tls(s) => s.send_message(parts),
+        }
+    }
+
+    /// The plain socket: this one, or the one under TLS.
+    pub fn socket(&self) -> &Transport {
+        match self {
+            #[cfg(feature = "tls")]
+            Transport::Tls(s) => s.socket(),
+            _ => self,
+        }
+    }
+
+    /// The connection runs over TCP (with or without TLS).
+    pub fn is_tcp(&self) -> bool {
+        matches!(self.socket(), Transport::Tcp(_))
+    }
+
+    /// The connection runs inside TLS.
+    pub fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        {
+            matches!(self, Transport::Tls(_))
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            false
+        }
+    }
+
+    /// What TLS negotiated (version and cipher suite), if TLS is on.
+    pub fn tls_description(&self) -> Option<String> {
+        match self {
+            #[cfg(feature = "tls")]
+            Transport::Tls(s) => Some(s.describe()),
+            _ => None,
+        }
+    }
+
+    /// End TLS politely (`close_notify`) if it is on; nothing otherwise.
+    pub fn close_tls(&mut self) {
+        #[cfg(feature = "tls")]
+        if let Transport::Tls(s) = self {
+            s.close();
         }
     }
 
@@ -140,7 +196,7 @@ impl Transport {
 
     /// Bound every later read and write; `None` waits forever.
     pub fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        match self {
+        match self.socket() {
             Transport::Tcp(s) => {
                 s.set_read_timeout(timeout)?;
                 s.set_write_timeout(timeout)
@@ -149,31 +205,44 @@ impl Transport {
                 s.set_read_timeout(timeout)?;
                 s.set_write_timeout(timeout)
             }
+            #[cfg(feature = "tls")]
+            Transport::Tls(_) => unreachable!("socket() is never TLS"),
         }
     }
 
-    /// Shut down one or both directions.
+    /// Shut down one or both directions of the socket (under TLS too:
+    /// a read blocked inside TLS then returns).
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        match self {
+        match self.socket() {
             Transport::Tcp(s) => s.shutdown(how),
             Transport::Unix(s) => s.shutdown(how),
+            #[cfg(feature = "tls")]
+            Transport::Tls(_) => unreachable!("socket() is never TLS"),
         }
     }
 
     /// A second handle on the same socket (a duplicated descriptor).
+    /// Under TLS it is the plain socket underneath: good for shutting
+    /// the connection down from another thread, not for reading or
+    /// writing, which would break the TLS session.
     pub fn try_clone(&self) -> io::Result<Transport> {
-        Ok(match self {
+        Ok(match self.socket() {
             Transport::Tcp(s) => Transport::Tcp(s.try_clone()?),
             Transport::Unix(s) => Transport::Unix(s.try_clone()?),
+            #[cfg(feature = "tls")]
+            Transport::Tls(_) => unreachable!("socket() is never TLS"),
         })
     }
 }
 
 impl std::os::fd::AsRawFd for Transport {
+    /// The socket's descriptor (under TLS, the socket underneath).
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        match self {
+        match self.socket() {
             Transport::Tcp(s) => s.as_raw_fd(),
             Transport::Unix(s) => s.as_raw_fd(),
+            #[cfg(feature = "tls")]
+            Transport::Tls(_) => unreachable!("socket() is never TLS"),
         }
     }
 }
@@ -184,65 +253,63 @@ impl From<UnixStream> for Transport {
     }
 }
 
-// Reading and writing through `&Transport` lets a buffered reader own the
-// socket while writes go straight to it, as with `&TcpStream`.
-impl Read for &Transport {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match *self {
-            Transport::Tcp(s) => (&*s).read(buf),
-            Transport::Unix(s) => (&*s).read(buf),
-        }
-    }
-
-    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        match *self {
-            Transport::Tcp(s) => (&*s).read_vectored(bufs),
-            Transport::Unix(s) => (&*s).read_vectored(bufs),
-        }
-    }
-}
-
-impl Write for &Transport {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match *self {
-            Transport::Tcp(s) => (&*s).write(buf),
-            Transport::Unix(s) => (&*s).write(buf),
-        }
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match *self {
-            Transport::Tcp(s) => (&*s).write_vectored(bufs),
-            Transport::Unix(s) => (&*s).write_vectored(bufs),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 impl Read for Transport {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self).read(buf)
+        match self {
+            Transport::Tcp(s) => s.read(buf),
+            Transport::Unix(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Transport::Tls(s) => s.read(buf),
+        }
     }
 
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        (&*self).read_vectored(bufs)
+        match self {
+            Transport::Tcp(s) => s.read_vectored(bufs),
+            Transport::Unix(s) => s.read_vectored(bufs),
+            #[cfg(feature = "tls")]
+            Transport::Tls(s) => s.read_vectored(bufs),
+        }
     }
 }
 
 impl Write for Transport {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&*self).write(buf)
+        match self {
+            Transport::Tcp(s) => s.write(buf),
+            Transport::Unix(s) => s.write(buf),
+            // What a write hands over goes out at once, as on a plain
+            // socket (requests go through `send_message`).
+            #[cfg(feature = "tls")]
+            Transport::Tls(s) => {
+                let n = s.write(buf)?;
+                s.flush()?;
+                Ok(n)
+            }
+        }
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        (&*self).write_vectored(bufs)
+        match self {
+            Transport::Tcp(s) => s.write_vectored(bufs),
+            Transport::Unix(s) => s.write_vectored(bufs),
+            #[cfg(feature = "tls")]
+            Transport::Tls(s) => {
+                let n = s.write_vectored(bufs)?;
+                s.flush()?;
+                Ok(n)
+            }
+        }
     }
 
+    /// Under TLS, sends what is gathered; plain sockets have nothing to
+    /// flush.
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            #[cfg(feature = "tls")]
+            Transport::Tls(s) => s.flush(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -320,7 +387,7 @@ mod tests {
                 let got = SockRef::from(s).recv_buffer_size().unwrap();
                 assert_ne!(got, forced, "SO_RCVBUF was set on a TCP socket");
             }
-            Transport::Unix(_) => panic!("expected TCP"),
+            _ => panic!("expected TCP"),
         }
         let mut b = [0u8; 1];
         t.read_exact(&mut b).unwrap();

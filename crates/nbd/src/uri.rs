@@ -1,8 +1,16 @@
-//! NBD URIs, as described by the NBD project's `uri.md`:
-//! `nbd://host[:port]/export` and `nbd+unix:///export?socket=PATH`.
+//! NBD URIs, as described by the NBD project's `uri.md` and libnbd's
+//! `nbd_connect_uri(3)`: `nbd://host[:port]/export`,
+//! `nbd+unix:///export?socket=PATH`, and their TLS forms
+//! `nbds://[user@]host[:port]/export` and
+//! `nbds+unix://[user@]/export?socket=PATH`, which take the query
+//! parameters `tls-certificates=DIR`, `tls-verify-peer=BOOL`,
+//! `tls-psk-file=FILE`, `tls-username=NAME` and `tls-hostname=NAME`
+//! ([`TlsSettings`]).
 //!
-//! TLS schemes (`nbds`, `nbds+unix`) and vsock are recognised so that the
-//! user is told they are not supported rather than that the URI is bad.
+//! Parsing is pure: nothing is read here (the login name, certificate
+//! files and keys are looked up when connecting). vsock URIs are
+//! recognised so that the user is told they are not supported rather than
+//! that the URI is bad.
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -36,6 +44,52 @@ pub enum NbdAddress {
     },
 }
 
+/// How to authenticate and what to check over TLS: the `tls-*` query
+/// parameters of an `nbds` URI, and its user part.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// `tls-certificates=DIR`: the X.509 directory (`ca-cert.pem`,
+    /// optionally `client-cert.pem` with `client-key.pem`, and
+    /// `ca-crl.pem`). Unset, libnbd's default directories are tried, then
+    /// the system's trusted roots.
+    pub certificates: Option<PathBuf>,
+    /// `tls-verify-peer`: check the server's certificate (default true).
+    pub verify_peer: bool,
+    /// `tls-psk-file=FILE`: authenticate with a pre-shared key from this
+    /// psktool file (`username:hexkey` lines) instead of certificates.
+    pub psk_file: Option<PathBuf>,
+    /// `tls-username=NAME`: the PSK identity.
+    pub username: Option<String>,
+    /// The user part of the URI (`nbds://alice@host/`): the PSK identity
+    /// when `tls-username` is not given.
+    pub user: Option<String>,
+    /// `tls-hostname=NAME`: the name the server's certificate must be for,
+    /// instead of the host connected to.
+    pub hostname: Option<String>,
+}
+
+impl Default for TlsSettings {
+    /// TLS with the default certificates and peer verification on.
+    fn default() -> TlsSettings {
+        TlsSettings {
+            certificates: None,
+            verify_peer: true,
+            psk_file: None,
+            username: None,
+            user: None,
+            hostname: None,
+        }
+    }
+}
+
+impl TlsSettings {
+    /// The PSK identity the URI names: `tls-username`, else its user part.
+    /// `None` means the login name, looked up when connecting.
+    pub fn named_user(&self) -> Option<&str> {
+        self.username.as_deref().or(self.user.as_deref())
+    }
+}
+
 /// A parsed NBD URI: where to connect and which export to ask for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NbdUri {
@@ -43,13 +97,17 @@ pub struct NbdUri {
     pub address: NbdAddress,
     /// Export name (may be empty: the server's default export).
     pub export: String,
+    /// TLS is required (`nbds`, `nbds+unix`), with these settings; `None`
+    /// is plain text.
+    pub tls: Option<TlsSettings>,
 }
 
 impl NbdUri {
     /// Parse an NBD URI.
     ///
-    /// Errors are [`ErrorKind::InvalidInput`] naming what is wrong, except TLS and
-    /// vsock URIs, which are [`ErrorKind::Unsupported`].
+    /// Errors are [`ErrorKind::InvalidInput`] naming what is wrong, except
+    /// vsock URIs, which are [`ErrorKind::Unsupported`]. TLS URIs parse
+    /// whether or not TLS was built in: connecting says if it was not.
     pub fn parse(s: &str) -> Result<NbdUri> {
         parse(s).map_err(|e| {
             let kind = e.kind();
@@ -63,6 +121,7 @@ impl NbdUri {
         NbdUri {
             address: NbdAddress::Unix { path: path.into() },
             export: export.into(),
+            tls: None,
         }
     }
 
@@ -74,7 +133,14 @@ impl NbdUri {
                 port,
             },
             export: export.into(),
+            tls: None,
         }
+    }
+
+    /// The same URI with TLS required, with `settings`.
+    pub fn with_tls(mut self, settings: TlsSettings) -> NbdUri {
+        self.tls = Some(settings);
+        self
     }
 
     /// The export name.
@@ -121,29 +187,66 @@ impl fmt::Display for NbdUri {
     /// The URI in canonical form, percent-encoded where needed, so that it
     /// parses back to the same value.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.address {
-            NbdAddress::Tcp { host, port } => {
-                f.write_str("nbd://")?;
-                if host.contains(':') {
-                    f.write_str("[")?;
-                    encode_component(f, host.as_bytes(), b":")?;
-                    f.write_str("]")?;
-                } else {
-                    encode_component(f, host.as_bytes(), b"")?;
-                }
-                if *port != DEFAULT_PORT {
-                    write!(f, ":{port}")?;
-                }
-                f.write_str("/")?;
-                encode_component(f, self.export.as_bytes(), b"/")
+        f.write_str(if self.tls.is_some() { "nbds" } else { "nbd" })?;
+        if self.address.unix_path().is_some() {
+            f.write_str("+unix")?;
+        }
+        f.write_str("://")?;
+        if let Some(user) = self.tls.as_ref().and_then(|t| t.user.as_deref()) {
+            encode_component(f, user.as_bytes(), b"")?;
+            f.write_str("@")?;
+        }
+        if let NbdAddress::Tcp { host, port } = &self.address {
+            if host.contains(':') {
+                f.write_str("[")?;
+                encode_component(f, host.as_bytes(), b":")?;
+                f.write_str("]")?;
+            } else {
+                encode_component(f, host.as_bytes(), b"")?;
             }
-            NbdAddress::Unix { path } => {
-                f.write_str("nbd+unix:///")?;
-                encode_component(f, self.export.as_bytes(), b"/")?;
-                f.write_str("?socket=")?;
-                encode_component(f, path.as_os_str().as_bytes(), b"/")
+            if *port != DEFAULT_PORT {
+                write!(f, ":{port}")?;
             }
         }
+        f.write_str("/")?;
+        encode_component(f, self.export.as_bytes(), b"/")?;
+        let mut query = Query { f, first: true };
+        if let NbdAddress::Unix { path } = &self.address {
+            query.param("socket", path.as_os_str().as_bytes())?;
+        }
+        if let Some(tls) = &self.tls {
+            if let Some(dir) = &tls.certificates {
+                query.param("tls-certificates", dir.as_os_str().as_bytes())?;
+            }
+            if !tls.verify_peer {
+                query.param("tls-verify-peer", b"false")?;
+            }
+            if let Some(file) = &tls.psk_file {
+                query.param("tls-psk-file", file.as_os_str().as_bytes())?;
+            }
+            if let Some(name) = &tls.username {
+                query.param("tls-username", name.as_bytes())?;
+            }
+            if let Some(name) = &tls.hostname {
+                query.param("tls-hostname", name.as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `?key=value`, then `&key=value`.
+struct Query<'a, 'b> {
+    f: &'a mut fmt::Formatter<'b>,
+    first: bool,
+}
+
+impl Query<'_, '_> {
+    fn param(&mut self, key: &str, value: &[u8]) -> fmt::Result {
+        self.f.write_str(if self.first { "?" } else { "&" })?;
+        self.first = false;
+        write!(self.f, "{key}=")?;
+        encode_component(self.f, value, b"/")
     }
 }
 
@@ -196,32 +299,134 @@ enum Scheme {
     Unix,
 }
 
+/// The scheme: its transport, and whether TLS is required.
+fn parse_scheme(scheme: &str) -> Result<(Scheme, bool)> {
+    Ok(match scheme.to_ascii_lowercase().as_str() {
+        "nbd" => (Scheme::Tcp, false),
+        "nbd+unix" => (Scheme::Unix, false),
+        "nbds" => (Scheme::Tcp, true),
+        "nbds+unix" => (Scheme::Unix, true),
+        "nbd+vsock" | "nbds+vsock" => return Err(unsupported("vsock is not supported")),
+        other => {
+            return Err(usage(format!(
+                "unknown scheme '{other}' (expected nbd, nbds, nbd+unix or nbds+unix)"
+            )));
+        }
+    })
+}
+
+/// What the query string says.
+#[derive(Default)]
+struct QueryParams {
+    socket: Option<PathBuf>,
+    tls: TlsSettings,
+}
+
+/// Store `value` in `slot`, refusing a second one.
+fn set_once<T>(slot: &mut Option<T>, key: &str, value: T) -> Result<()> {
+    if slot.is_some() {
+        return Err(usage(format!("{key}= given more than once")));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+/// A non-empty path parameter; paths need not be UTF-8.
+fn path_param(key: &str, value: &str) -> Result<PathBuf> {
+    let bytes = percent_decode(value, key)?;
+    if bytes.is_empty() {
+        return Err(usage(format!("{key}= is empty")));
+    }
+    if bytes.contains(&0) && key != "socket" {
+        return Err(usage(format!("{key}= contains a NUL byte")));
+    }
+    Ok(PathBuf::from(OsStr::from_bytes(&bytes)))
+}
+
+/// A non-empty name parameter, at most `MAX_EXPORT_NAME` bytes.
+fn name_param(key: &str, value: &str) -> Result<String> {
+    let name = percent_decode_utf8(value, key)?;
+    if name.is_empty() {
+        return Err(usage(format!("{key}= is empty")));
+    }
+    if name.len() > MAX_EXPORT_NAME || name.contains('\0') {
+        return Err(usage(format!("{key}= is not a usable name")));
+    }
+    Ok(name)
+}
+
+/// A boolean as libnbd takes it: `1`/`0`, `true`/`false`, `yes`/`no`,
+/// `on`/`off`, in any case.
+fn bool_param(key: &str, value: &str) -> Result<bool> {
+    match percent_decode_utf8(value, key)?
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        v => Err(usage(format!(
+            "{key}={v} is not a boolean (expected true or false)"
+        ))),
+    }
+}
+
+/// Parse the query string of a URI with `scheme`; `tls` says whether the
+/// scheme requires TLS (and so whether `tls-*` parameters mean anything).
+fn parse_query(query: &str, scheme: Scheme, tls: bool) -> Result<QueryParams> {
+    let mut q = QueryParams::default();
+    let mut verify = None;
+    for param in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = param.split_once('=').unwrap_or((param, ""));
+        let key = percent_decode_utf8(key, "query parameter name")?;
+        let t = &mut q.tls;
+        match key.as_str() {
+            "socket" => {
+                if scheme != Scheme::Unix {
+                    return Err(usage(
+                        "socket= is only valid with nbd+unix:// or nbds+unix://",
+                    ));
+                }
+                let path = path_param("socket", value)?;
+                set_once(&mut q.socket, "socket", path)?;
+            }
+            // Without TLS these mean nothing; the scheme did not ask for
+            // TLS, so they are ignored (libnbd ignores them too).
+            k if k.starts_with("tls-") && !tls => {
+                log::debug!("ignoring URI parameter '{k}': the scheme does not use TLS");
+            }
+            "tls-certificates" => {
+                let dir = path_param(&key, value)?;
+                set_once(&mut t.certificates, &key, dir)?;
+            }
+            "tls-psk-file" => {
+                let file = path_param(&key, value)?;
+                set_once(&mut t.psk_file, &key, file)?;
+            }
+            "tls-username" => set_once(&mut t.username, &key, name_param(&key, value)?)?,
+            "tls-hostname" => set_once(&mut t.hostname, &key, name_param(&key, value)?)?,
+            "tls-verify-peer" => set_once(&mut verify, &key, bool_param(&key, value)?)?,
+            // Experimental parameters are for other clients.
+            k if k.starts_with("x-") => {
+                log::debug!("ignoring URI parameter '{k}'");
+            }
+            k => return Err(usage(format!("unknown query parameter '{k}'"))),
+        }
+    }
+    q.tls.verify_peer = verify.unwrap_or(true);
+    Ok(q)
+}
+
 fn parse(s: &str) -> Result<NbdUri> {
     let Some((scheme, rest)) = s.split_once("://") else {
         return Err(usage(
             "not a URI (expected nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=PATH)",
         ));
     };
-    let scheme = match scheme.to_ascii_lowercase().as_str() {
-        "nbd" => Scheme::Tcp,
-        "nbd+unix" => Scheme::Unix,
-        "nbds" | "nbds+unix" | "nbds+vsock" => {
-            return Err(unsupported("TLS is not supported yet"));
-        }
-        "nbd+vsock" => return Err(unsupported("vsock is not supported")),
-        other => {
-            return Err(usage(format!(
-                "unknown scheme '{other}' (expected nbd or nbd+unix)"
-            )));
-        }
-    };
+    let (scheme, tls) = parse_scheme(scheme)?;
 
     // A fragment means nothing to NBD; RFC 3986 puts it last.
     let rest = rest.split_once('#').map_or(rest, |(r, _)| r);
-    let (rest, query) = match rest.split_once('?') {
-        Some((r, q)) => (r, Some(q)),
-        None => (rest, None),
-    };
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
@@ -242,61 +447,43 @@ fn parse(s: &str) -> Result<NbdUri> {
         return Err(usage("export name contains a NUL byte"));
     }
 
-    let mut socket: Option<PathBuf> = None;
-    for param in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = param.split_once('=').unwrap_or((param, ""));
-        let key = percent_decode_utf8(key, "query parameter name")?;
-        match key.as_str() {
-            "socket" => {
-                if scheme != Scheme::Unix {
-                    return Err(usage("socket= is only valid with nbd+unix://"));
-                }
-                if socket.is_some() {
-                    return Err(usage("socket= given more than once"));
-                }
-                let bytes = percent_decode(value, "socket path")?;
-                if bytes.is_empty() {
-                    return Err(usage("socket= is empty"));
-                }
-                socket = Some(PathBuf::from(OsStr::from_bytes(&bytes)));
-            }
-            // Opportunistic TLS settings mean nothing without TLS; the
-            // scheme did not demand it, so carry on in plain text.
-            k if k.starts_with("tls-") => {
-                log::debug!("ignoring URI parameter '{k}': TLS is not supported");
-            }
-            // Experimental parameters are for other clients.
-            k if k.starts_with("x-") => {
-                log::debug!("ignoring URI parameter '{k}'");
-            }
-            k => return Err(usage(format!("unknown query parameter '{k}'"))),
+    let mut q = parse_query(query, scheme, tls)?;
+    // The user part names the TLS user; without TLS it is dropped.
+    let (user, hostport) = match authority.rsplit_once('@') {
+        Some((user, hostport)) => (Some(user), hostport),
+        None => (None, authority),
+    };
+    if tls {
+        if let Some(user) = user.filter(|u| !u.is_empty()) {
+            q.tls.user = Some(name_param("user name", user)?);
         }
     }
-
     let address = match scheme {
         Scheme::Unix => {
-            if !authority.is_empty() {
+            if !hostport.is_empty() {
                 return Err(usage(format!(
-                    "nbd+unix URI must not name a host ('{authority}'); use nbd+unix:///EXPORT?socket=PATH"
+                    "a +unix URI must not name a host ('{hostport}'); use nbd+unix:///EXPORT?socket=PATH"
                 )));
             }
-            let Some(path) = socket else {
-                return Err(usage("nbd+unix URI needs a socket=PATH query parameter"));
+            let Some(path) = q.socket else {
+                return Err(usage("a +unix URI needs a socket=PATH query parameter"));
             };
             NbdAddress::Unix { path }
         }
         Scheme::Tcp => {
-            let (host, port) = parse_authority(authority)?;
+            let (host, port) = parse_authority(hostport)?;
             NbdAddress::Tcp { host, port }
         }
     };
-    Ok(NbdUri { address, export })
+    Ok(NbdUri {
+        address,
+        export,
+        tls: tls.then_some(q.tls),
+    })
 }
 
-/// `[userinfo@]host[:port]`; userinfo is only used for TLS, so it is
-/// dropped.
-fn parse_authority(authority: &str) -> Result<(String, u16)> {
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+/// `host[:port]`, the user part already taken off.
+fn parse_authority(hostport: &str) -> Result<(String, u16)> {
     let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
         let Some((host, after)) = rest.split_once(']') else {
             return Err(usage("IPv6 address is missing its closing ']'"));
@@ -450,16 +637,166 @@ mod tests {
     }
 
     #[test]
-    fn tls_and_vsock_are_unsupported() {
+    fn vsock_is_unsupported() {
         for s in [
-            "nbds://host/x",
-            "nbds+unix:///x?socket=/s",
             "nbd+vsock://1:10809/x",
-            "NBDS://host/",
+            "nbds+vsock://2/x",
+            "NBD+VSOCK://1/",
         ] {
             assert_eq!(kind_of(s), ErrorKind::Unsupported, "{s}");
         }
-        assert!(message_of("nbds://host/x").contains("TLS is not supported yet"));
+        assert!(message_of("nbd+vsock://1/x").contains("vsock is not supported"));
+    }
+
+    fn tls(f: impl FnOnce(&mut TlsSettings)) -> Option<TlsSettings> {
+        let mut t = TlsSettings::default();
+        f(&mut t);
+        Some(t)
+    }
+
+    #[test]
+    fn tls_forms() {
+        let dir = |p: &str| Some(PathBuf::from(p));
+        let name = |n: &str| Some(n.to_string());
+        let cases: Vec<(&str, NbdUri)> = vec![
+            (
+                "nbds://host/x",
+                tcp("host", 10809, "x").with_tls(TlsSettings::default()),
+            ),
+            (
+                "NBDS://host:1234",
+                NbdUri {
+                    tls: tls(|_| {}),
+                    ..tcp("host", 1234, "")
+                },
+            ),
+            (
+                "nbds://alice@host/x",
+                NbdUri {
+                    tls: tls(|t| t.user = name("alice")),
+                    ..tcp("host", 10809, "x")
+                },
+            ),
+            (
+                "nbds://a%40b@[::1]:99/",
+                NbdUri {
+                    tls: tls(|t| t.user = name("a@b")),
+                    ..tcp("::1", 99, "")
+                },
+            ),
+            (
+                "nbds+unix:///disk?socket=/s&tls-certificates=/etc/certs",
+                NbdUri {
+                    tls: tls(|t| t.certificates = dir("/etc/certs")),
+                    ..NbdUri::unix("/s", "disk")
+                },
+            ),
+            (
+                "nbds+unix://alice@/?socket=/s&tls-psk-file=keys.psk",
+                NbdUri {
+                    tls: tls(|t| {
+                        t.user = name("alice");
+                        t.psk_file = dir("keys.psk");
+                    }),
+                    ..NbdUri::unix("/s", "")
+                },
+            ),
+            (
+                "nbds://h/?tls-username=bob&tls-hostname=nbd.example.com&tls-verify-peer=FALSE",
+                NbdUri {
+                    tls: tls(|t| {
+                        t.username = name("bob");
+                        t.hostname = name("nbd.example.com");
+                        t.verify_peer = false;
+                    }),
+                    ..tcp("h", 10809, "")
+                },
+            ),
+            (
+                "nbds://h/?tls-verify-peer=1&tls-certificates=%2Fmy%20certs",
+                NbdUri {
+                    tls: tls(|t| t.certificates = dir("/my certs")),
+                    ..tcp("h", 10809, "")
+                },
+            ),
+            // An empty user part is no user.
+            (
+                "nbds://@h/",
+                tcp("h", 10809, "").with_tls(TlsSettings::default()),
+            ),
+            // Without TLS the user part and tls-* parameters mean nothing.
+            (
+                "nbd://alice@h/?tls-psk-file=/k&tls-bogus=1",
+                tcp("h", 10809, ""),
+            ),
+        ];
+        for (s, want) in cases {
+            assert_eq!(NbdUri::parse(s).unwrap(), want, "{s}");
+        }
+        for (value, verify) in [
+            ("0", false),
+            ("no", false),
+            ("off", false),
+            ("yes", true),
+            ("On", true),
+        ] {
+            let u = NbdUri::parse(&format!("nbds://h/?tls-verify-peer={value}")).unwrap();
+            assert_eq!(u.tls.unwrap().verify_peer, verify, "{value}");
+        }
+    }
+
+    #[test]
+    fn tls_user_names() {
+        let named = |s: &str| {
+            NbdUri::parse(s)
+                .unwrap()
+                .tls
+                .unwrap()
+                .named_user()
+                .map(String::from)
+        };
+        assert_eq!(named("nbds://h/"), None);
+        assert_eq!(named("nbds://alice@h/"), Some("alice".into()));
+        assert_eq!(
+            named("nbds://alice@h/?tls-username=bob"),
+            Some("bob".into())
+        );
+        assert_eq!(named("nbds://h/?tls-username=bob"), Some("bob".into()));
+    }
+
+    #[test]
+    fn tls_usage_errors() {
+        let cases = [
+            ("nbds://h/?tls-verify-peer=maybe", "not a boolean"),
+            ("nbds://h/?tls-certificates=", "tls-certificates= is empty"),
+            ("nbds://h/?tls-psk-file=", "tls-psk-file= is empty"),
+            ("nbds://h/?tls-username=", "tls-username= is empty"),
+            ("nbds://h/?tls-hostname=", "tls-hostname= is empty"),
+            (
+                "nbds://h/?tls-psk-file=/a&tls-psk-file=/b",
+                "more than once",
+            ),
+            (
+                "nbds://h/?tls-verify-peer=0&tls-verify-peer=1",
+                "more than once",
+            ),
+            ("nbds://h/?tls-certificates=/a%00b", "NUL"),
+            (
+                "nbds://h/?tls-colour=blue",
+                "unknown query parameter 'tls-colour'",
+            ),
+            ("nbds://h/?socket=/s", "only valid with nbd+unix"),
+            ("nbds+unix:///x", "socket=PATH"),
+            ("nbds+unix://host/x?socket=/s", "must not name a host"),
+            ("nbds+unix://alice@host/x?socket=/s", "must not name a host"),
+            ("nbds:///x", "missing host"),
+            ("nbds://%FF@h/", "not valid UTF-8"),
+        ];
+        for (s, want) in cases {
+            let e = NbdUri::parse(s).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{s}");
+            assert!(e.to_string().contains(want), "{s}: {e}");
+        }
     }
 
     #[test]
@@ -505,6 +842,22 @@ mod tests {
             tcp("h", 10809, "/lead"),
             NbdUri::unix("/tmp/my sock", "x?y"),
             NbdUri::unix(PathBuf::from(OsStr::from_bytes(b"\0abs")), ""),
+            tcp("h", 10809, "x").with_tls(TlsSettings::default()),
+            NbdUri {
+                tls: tls(|t| {
+                    t.user = Some("al ice:@".into());
+                    t.username = Some("b&b=".into());
+                    t.hostname = Some("nbd.example.com".into());
+                    t.verify_peer = false;
+                    t.certificates = Some("/c d/?".into());
+                    t.psk_file = Some(PathBuf::from(OsStr::from_bytes(b"/k\xff")));
+                }),
+                ..NbdUri::unix("/s", "e")
+            },
+            NbdUri {
+                tls: tls(|t| t.user = Some("u".into())),
+                ..tcp("::1", 10810, "x")
+            },
         ] {
             let s = u.to_string();
             assert_eq!(NbdUri::parse(&s).unwrap(), u, "{s}");
@@ -513,6 +866,12 @@ mod tests {
         assert_eq!(
             NbdUri::unix("/s", "e").to_string(),
             "nbd+unix:///e?socket=/s"
+        );
+        assert_eq!(
+            NbdUri::parse("nbds+unix://alice@/e?tls-psk-file=/k&socket=/s")
+                .unwrap()
+                .to_string(),
+            "nbds+unix://alice@/e?socket=/s&tls-psk-file=/k"
         );
     }
 

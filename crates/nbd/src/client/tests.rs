@@ -9,6 +9,7 @@ fn connect(server: &Server) -> Client {
     let opts = ClientOptions {
         name: "fake".into(),
         timeout: Some(Duration::from_secs(10)),
+        ..ClientOptions::default()
     };
     Client::connect(&server.uri(), &opts).unwrap()
 }
