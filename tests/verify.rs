@@ -116,3 +116,33 @@ fn verify_needs_a_destination_it_can_read_back() {
         .run()
         .assert_failure(2, "-");
 }
+
+/// The blkhash of a range is the blkhash of its bytes as an image, and
+/// --verify checks a range where it was written, on a larger destination.
+#[test]
+fn ranges_are_hashed_and_verified_as_images_of_their_own() {
+    let dir = tmp();
+    let (src, _) = mixed(dir.path(), "src.img", 8 * MIB, 45);
+    // The range's bytes alone, as a file.
+    let bytes = std::fs::read(&src).unwrap();
+    let part = dir.path().join("part.img");
+    std::fs::write(&part, &bytes[(MIB as usize)..(5 * MIB) as usize]).unwrap();
+    let whole = Nbdcp::new(&["--blkhash=sha1/64K", s(&part), "null:"]).run();
+    assert_eq!(whole.code, Some(0), "{}", whole.stderr);
+    let dst = garbage(dir.path(), "dst.img", 12 * MIB);
+    let range = Nbdcp::new(&[
+        "--blkhash=sha1/64K",
+        "--verify",
+        "--source-offset=1M",
+        "--length=4M",
+        "--destination-offset=2M",
+        s(&src),
+        s(&dst),
+    ])
+    .run();
+    assert_eq!(range.code, Some(0), "{}", range.stderr);
+    assert_eq!(range.stdout, whole.stdout, "the range's blkhash");
+    assert!(range.stderr.contains("verified: "), "{}", range.stderr);
+    let d = std::fs::read(&dst).unwrap();
+    assert!(d[(2 * MIB) as usize..(6 * MIB) as usize] == bytes[MIB as usize..(5 * MIB) as usize]);
+}

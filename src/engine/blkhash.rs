@@ -69,16 +69,19 @@ pub(crate) struct SegmentHash {
 }
 
 impl SegmentHash {
-    /// An empty hash starting at `offset`, a multiple of the block size.
-    pub(crate) fn new(spec: BlkhashSpec, offset: u64) -> SegmentHash {
+    /// An empty hash starting at source offset `offset`, a whole number
+    /// of blocks after `origin`, where the hashed image starts (0, or a
+    /// range's first byte).
+    pub(crate) fn new(spec: BlkhashSpec, offset: u64, origin: u64) -> SegmentHash {
+        let from = offset.wrapping_sub(origin);
         SegmentHash {
             spec,
-            first_block: offset / spec.block_size,
+            first_block: from / spec.block_size,
             pos: offset,
             runs: Vec::new(),
             open: Vec::new(),
             partial: Partial::default(),
-            broken: offset % spec.block_size != 0,
+            broken: offset < origin || from % spec.block_size != 0,
         }
     }
 
@@ -279,6 +282,8 @@ struct Fold {
 /// Folds the segments' runs into the blkhash in block order.
 pub(crate) struct Collector {
     spec: BlkhashSpec,
+    /// Source offset of the hashed image's first byte (a range's start).
+    origin: u64,
     /// The zero block's digest, repeated to feed runs of zero blocks in
     /// few calls.
     zeroes: Vec<u8>,
@@ -296,6 +301,7 @@ impl Collector {
         let one = zero_digest(spec.algorithm, spec.block_size);
         Collector {
             spec,
+            origin: 0,
             zeroes: one.repeat(64),
             fold: Mutex::new(Fold {
                 outer: State::new(spec.algorithm),
@@ -309,9 +315,15 @@ impl Collector {
         }
     }
 
+    /// Hash the image that starts at source offset `origin` (a range).
+    pub(crate) fn starting_at(mut self, origin: u64) -> Collector {
+        self.origin = origin;
+        self
+    }
+
     /// A new hash for an attempt at the segment starting at `offset`.
     pub(crate) fn segment(&self, offset: u64) -> SegmentHash {
-        SegmentHash::new(self.spec, offset)
+        SegmentHash::new(self.spec, offset, self.origin)
     }
 
     fn lock(&self) -> MutexGuard<'_, Fold> {

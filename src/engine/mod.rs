@@ -525,8 +525,8 @@ fn finish(
         }
         if let (Some((expected, size)), Some((mut s, d))) = (check, first) {
             let spec = options.blkhash.unwrap_or_default();
-            let source: Option<&mut dyn Endpoint> = match plan.shape {
-                Shape::Segments { .. } => Some(s.as_mut()),
+            let source: Option<(&mut dyn Endpoint, u64)> = match plan.shape {
+                Shape::Segments { start, .. } => Some((s.as_mut(), start)),
                 // A pipe cannot be read again to find where it differs.
                 Shape::Stream => None,
             };

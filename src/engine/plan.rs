@@ -207,18 +207,6 @@ fn shape(
         }
         _ => return Ok(Shape::Stream),
     };
-    if options.verify && options.is_range() {
-        return Err(Error::usage(
-            "--verify compares whole images: it cannot be combined with a range",
-        ));
-    }
-    // The blkhash is of a whole image: its blocks are numbered from the
-    // source's first byte.
-    if options.blkhash.is_some() && options.is_range() {
-        return Err(Error::usage(
-            "--blkhash is of the whole source: it cannot be combined with a range",
-        ));
-    }
     let start = options.source_offset;
     let past_end = || {
         Error::usage(format!(

@@ -20,8 +20,12 @@ const LOCATE_CHUNK: usize = 1 << 20;
 
 /// The options for reading the destination back: every connection, its
 /// extents (zero ranges are hashed as zero, never read), nothing written.
-fn reading_back(options: &CopyOptions, spec: BlkhashSpec) -> CopyOptions {
+fn reading_back(options: &CopyOptions, spec: BlkhashSpec, size: u64) -> CopyOptions {
     CopyOptions {
+        // What was written, where it was written: a destination larger
+        // than the source holds more than the copy.
+        source_offset: options.destination_offset,
+        length: Some(size),
         connections: options.connections,
         threads: options.threads,
         requests: options.requests,
@@ -40,11 +44,11 @@ fn reading_back(options: &CopyOptions, spec: BlkhashSpec) -> CopyOptions {
 }
 
 /// Check `destination` against the source's `expected` blkhash, `size`
-/// bytes long. `source` (if the source can be read again) and a second
-/// handle on the destination serve to find a mismatch's first block.
+/// bytes long. `source` (if the source can be read again, with the
+/// offset the copy started at) serves to find a mismatch's first block.
 pub(crate) fn verify(
     destination: Box<dyn Endpoint>,
-    source: Option<&mut dyn Endpoint>,
+    source: Option<(&mut dyn Endpoint, u64)>,
     expected: &Blkhash,
     spec: BlkhashSpec,
     size: u64,
@@ -59,13 +63,17 @@ pub(crate) fn verify(
         name: name.clone(),
         inner: Arc::clone(&shared),
     });
-    let got = super::copy_endpoints(lent, Box::new(NullEndpoint), &reading_back(options, spec))?;
+    let back = reading_back(options, spec, size);
+    let got = super::copy_endpoints(lent, Box::new(NullEndpoint), &back)?;
     let mut destination = lock(&shared);
     if got.blkhash.as_ref() == Some(expected) {
         return destination.close();
     }
     let at = match source {
-        Some(source) => first_difference(source, destination.as_mut(), size)?,
+        Some((source, from)) => {
+            let to = options.destination_offset;
+            first_difference(source, from, destination.as_mut(), to, size)?.map(|i| to + i)
+        }
         None => None,
     };
     let _ = destination.close();
@@ -80,20 +88,29 @@ pub(crate) fn verify(
     .with_endpoint(&name)
     .with_operation(Operation::Verify);
     if let Some(offset) = at {
-        e = e.at(offset - offset % block, block);
+        // Blocks are counted from where the copy starts on the destination.
+        let to = options.destination_offset;
+        e = e.at(offset - (offset - to) % block, block);
     }
     Err(e)
 }
 
-/// The first offset where `a` and `b` differ in their first `size` bytes.
-fn first_difference(a: &mut dyn Endpoint, b: &mut dyn Endpoint, size: u64) -> Result<Option<u64>> {
+/// How far into the `size` bytes from `a_at` on `a` and `b_at` on `b`
+/// they first differ.
+fn first_difference(
+    a: &mut dyn Endpoint,
+    a_at: u64,
+    b: &mut dyn Endpoint,
+    b_at: u64,
+    size: u64,
+) -> Result<Option<u64>> {
     let mut x = vec![0u8; LOCATE_CHUNK];
     let mut y = vec![0u8; LOCATE_CHUNK];
     let mut at = 0;
     while at < size {
         let n = (size - at).min(LOCATE_CHUNK as u64) as usize;
-        a.read_at(&mut x[..n], at)?;
-        b.read_at(&mut y[..n], at)?;
+        a.read_at(&mut x[..n], a_at + at)?;
+        b.read_at(&mut y[..n], b_at + at)?;
         if x[..n] != y[..n] {
             let i = x[..n]
                 .iter()

@@ -114,7 +114,13 @@ impl Shared {
             events: None,
             acked: AtomicU64::new(0),
             started: Instant::now(),
-            blkhash: plan.blkhash.map(Collector::new),
+            blkhash: plan.blkhash.map(|spec| {
+                let origin = match plan.shape {
+                    super::plan::Shape::Segments { start, .. } => start,
+                    super::plan::Shape::Stream => 0,
+                };
+                Collector::new(spec).starting_at(origin)
+            }),
         }
     }
 
