@@ -60,7 +60,16 @@ fn a_copy_killed_midway_resumes_from_its_journal() {
         from.uri(),
         to.uri(),
     );
-    let args = [j.as_str(), "-C", "2", from_uri.as_str(), to_uri.as_str()];
+    // With --blkhash: the second run reads, and hashes, the segments the
+    // first one copied, without writing them again.
+    let args = [
+        j.as_str(),
+        "--blkhash",
+        "-C",
+        "2",
+        from_uri.as_str(),
+        to_uri.as_str(),
+    ];
     let first = Watched::spawn(&args);
     wait_until("two segments recorded", Duration::from_secs(60), || {
         recorded(&journal).len() >= 2
@@ -88,6 +97,8 @@ fn a_copy_killed_midway_resumes_from_its_journal() {
         );
     }
     assert_same_bytes(&src, &dst);
+    let fresh = Nbdcp::new(&["--blkhash", s(&src), "null:"]).run();
+    assert_eq!(second.stdout, fresh.stdout, "the resumed run's blkhash");
     let rewritten = touched(&to.log_text()[logged_before..]);
     let left = 8 - done.len() as u64;
     assert!(

@@ -198,14 +198,6 @@ fn run(
     if resuming {
         plan.resume();
     }
-    if options.blkhash.is_some() && journal.as_ref().is_some_and(|j| !j.done().is_empty()) {
-        // The segments an earlier run copied are not read again, so
-        // their blocks cannot be hashed.
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            "--blkhash cannot be computed when resuming: the segments an earlier run copied are not read again",
-        ));
-    }
     if resume(journal.as_mut(), &*source, &*destination, options)? {
         // Nothing to do; say goodbye to the servers politely.
         destination.close()?;

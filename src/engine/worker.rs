@@ -176,8 +176,22 @@ impl Shared {
         }
     }
 
-    /// Whether an earlier run recorded `segment` as done.
+    /// Whether the journal has `segment`, and the blkhash needs it read:
+    /// it is then hashed, not skipped (nor written again).
+    fn journal_has(&self, segment: Segment) -> bool {
+        self.blkhash.is_some()
+            && self
+                .journal
+                .as_ref()
+                .is_some_and(|j| j.done().contains(&segment.offset))
+    }
+
+    /// Whether an earlier run recorded `segment` as done, so that it can
+    /// be skipped (unless the blkhash needs it read).
     pub(crate) fn already_done(&self, segment: Segment) -> bool {
+        if self.blkhash.is_some() {
+            return false;
+        }
         let done = self
             .journal
             .as_ref()
@@ -378,6 +392,7 @@ fn copy_with_retries(
         let mut attempt_state = Attempt {
             done: AtomicU64::new(0),
             hash: shared.segment_hash(segment),
+            hash_only: shared.journal_has(segment),
         };
         let outcome = copy_segment(
             shared,
@@ -395,13 +410,21 @@ fn copy_with_retries(
                 Ok(())
             }
         });
-        let Attempt { done, hash } = attempt_state;
+        let Attempt {
+            done,
+            hash,
+            hash_only,
+        } = attempt_state;
         let failure = match outcome {
             Ok(()) => {
                 if let (Some(collector), Some(hash)) = (&shared.blkhash, hash) {
                     collector.submit_segment(hash, &shared.stop);
                 }
-                shared.segment_done(segment)?;
+                if hash_only {
+                    shared.resumed.fetch_add(segment.length, Ordering::Relaxed);
+                } else {
+                    shared.segment_done(segment)?;
+                }
                 shared.acknowledged(segment.length);
                 return Ok(());
             }
@@ -454,6 +477,9 @@ fn copy_with_retries(
 struct Attempt {
     done: AtomicU64,
     hash: Option<SegmentHash>,
+    /// An earlier run copied this segment (the journal says): it is read
+    /// and hashed, not written again.
+    hash_only: bool,
 }
 
 /// Read a batch: its source reads, then plan its destination operations.
@@ -476,8 +502,14 @@ fn write_and_hash(
     destination: &mut dyn Endpoint,
     batch: &Batch,
     hash: &mut Option<SegmentHash>,
+    hash_only: bool,
 ) -> Result<u64> {
-    let n = write_batch(shared, destination, batch)?;
+    let n = if hash_only {
+        shared.tracker.add(batch.covered());
+        batch.covered()
+    } else {
+        write_batch(shared, destination, batch)?
+    };
     if let Some(hash) = hash {
         hash.feed_batch(batch);
     }
@@ -519,7 +551,12 @@ fn copy_segment(
     ring: &mut [Batch; 2],
     attempt: &mut Attempt,
 ) -> Result<(), Failure> {
-    let Attempt { done, hash } = attempt;
+    let Attempt {
+        done,
+        hash,
+        hash_only,
+    } = attempt;
+    let hash_only = *hash_only;
     let done = &*done;
     let extents = shared
         .extents_of(source, segment)
@@ -538,8 +575,8 @@ fn copy_segment(
             shared.check_cancelled().map_err(on(Side::Source))?;
             cursor.fill(batch, &shared.limits);
             read_batch(shared, source, batch).map_err(on(Side::Source))?;
-            let n =
-                write_and_hash(shared, destination, batch, hash).map_err(on(Side::Destination))?;
+            let n = write_and_hash(shared, destination, batch, hash, hash_only)
+                .map_err(on(Side::Destination))?;
             done.fetch_add(n, Ordering::Relaxed);
         }
         return Ok(());
@@ -555,7 +592,7 @@ fn copy_segment(
         let writer = scope.spawn(move || -> Result<(), Failure> {
             for batch in full_rx.iter() {
                 shared.check_cancelled().map_err(on(Side::Destination))?;
-                let n = write_and_hash(shared, destination, batch, hash)
+                let n = write_and_hash(shared, destination, batch, hash, hash_only)
                     .map_err(on(Side::Destination))?;
                 done.fetch_add(n, Ordering::Relaxed);
                 if free_tx.send(batch).is_err() {
