@@ -18,6 +18,7 @@ mod children;
 pub mod file;
 pub mod nbd;
 pub mod null;
+mod pagecache;
 pub mod spec;
 pub mod stream;
 pub mod subprocess;
