@@ -22,6 +22,8 @@ const NBD_SCHEMES: &[&str] = &[
     "nbds+unix:",
     "nbd+vsock:",
     "nbds+vsock:",
+    "nbd+ssh:",
+    "nbds+ssh:",
 ];
 
 /// What the user named as a source or destination.

@@ -30,6 +30,7 @@ pub mod client;
 pub mod error;
 pub mod handshake;
 pub mod splice;
+pub mod ssh;
 pub mod tls;
 pub mod transport;
 pub mod uri;
