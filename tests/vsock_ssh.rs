@@ -303,3 +303,32 @@ fn vsock_copies_both_directions_where_loopback_works() {
     let _ = nbdkit.wait();
     assert_same_bytes(&src, &back);
 }
+
+#[cfg(feature = "tls")]
+#[test]
+fn nbds_ssh_copies_over_tls_inside_ssh() {
+    if let Some(why) = ssh_ready() {
+        eprintln!("skipped: {why} (scripts/test.sh installs them)");
+        return;
+    }
+    let pki = common::tls::Pki::get();
+    let dir = tmp();
+    let sshd = Sshd::start(dir.path());
+    let wrapper = sshd.wrapper("user_key");
+    let (src, _) = mixed(dir.path(), "src.img", SIZE, 41);
+    let tls_args = common::tls::nbdkit_psk_args(pki);
+    let server = Server::nbdkit(&common::tls::with(&tls_args, &["memory", "size=24M"]));
+    let uri = common::tls::psk_uri(&sshd.uri(server.socket_path()), pki);
+    assert!(uri.starts_with("nbds+ssh://"), "{uri}");
+    // --timeout bounds reads and writes on the socket under TLS and ssh.
+    Nbdcp::new(&["--timeout=30", s(&src), &uri])
+        .env("NBDCP_SSH", s(&wrapper))
+        .run()
+        .assert_ok();
+    let back = dir.path().join("back.img");
+    Nbdcp::new(&["--timeout=30", "-C", "2", &uri, s(&back)])
+        .env("NBDCP_SSH", s(&wrapper))
+        .run()
+        .assert_ok();
+    assert_same_bytes(&src, &back);
+}
