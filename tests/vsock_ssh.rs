@@ -332,3 +332,61 @@ fn nbds_ssh_copies_over_tls_inside_ssh() {
         .assert_ok();
     assert_same_bytes(&src, &back);
 }
+
+/// The pids of `parent`'s children whose command is `name`.
+fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map_or("", |(_, c)| c);
+        let ppid = tail.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if comm == name && ppid == Some(parent) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn ssh_killed_mid_copy_is_reconnected() {
+    if let Some(why) = ssh_ready() {
+        eprintln!("skipped: {why} (scripts/test.sh installs them)");
+        return;
+    }
+    let dir = tmp();
+    let sshd = Sshd::start(dir.path());
+    let wrapper = sshd.wrapper("user_key");
+    let (src, _) = mixed(dir.path(), "src.img", SIZE, 53);
+    let server = Server::nbdkit(&["memory", "size=24M"]);
+    let uri = sshd.uri(server.socket_path());
+    Nbdcp::new(&[s(&src), &server.uri()]).run().assert_ok();
+    let back = dir.path().join("back.img");
+    // Every byte read, at 6 MiB/s: slow enough to be caught in the middle.
+    let run = Nbdcp::new(&["--rate=6M", "--no-extents", "-C", "1", &uri, s(&back)])
+        .env("NBDCP_SSH", s(&wrapper))
+        .spawn();
+    let start = Instant::now();
+    let victim = loop {
+        if let Some(&pid) = children_named(run.pid(), "ssh").first() {
+            break pid;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no ssh child");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    // SAFETY: a signal to a process this test's nbdcp started.
+    unsafe { libc::kill(victim as libc::pid_t, libc::SIGKILL) };
+    let done = run.wait(Duration::from_secs(60));
+    done.assert_ok_after_warnings();
+    assert!(done.stderr.contains("[WARN ]"), "no retry: {}", done.stderr);
+    assert_same_bytes(&src, &back);
+}
