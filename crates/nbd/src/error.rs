@@ -158,7 +158,7 @@ impl Error {
             // A timeout the transport explained (which address, what it
             // waited for) keeps its explanation.
             let message = match err.get_ref() {
-                Some(inner) => inner.to_string(),
+                Some(_) => describe_io(&err),
                 None => "timed out".to_string(),
             };
             (ErrorKind::Timeout, message)

@@ -1,8 +1,9 @@
 //! NBD through `ssh`: the `nbd+ssh` and `nbds+ssh` URIs.
 //!
 //! nbdcp runs `ssh [-p PORT] [-l USER] -- HOST nc -U -- SOCKET` (or
-//! `nc localhost PORT` without `socket=`), the command libnbd 1.22 runs,
-//! so the remote host needs only sshd and OpenBSD netcat. ssh's standard
+//! `nc localhost PORT` without `socket=`): netcat on the remote side, as
+//! libnbd 1.22 does for these URIs, so the remote host needs only sshd and
+//! OpenBSD netcat. ssh's standard
 //! input and output are both one end of a Unix socket pair whose other end
 //! is the connection: reads come from ssh's stdout, writes go to its stdin,
 //! and timeouts, `shutdown` (what an interrupt does) and duplicated
@@ -289,7 +290,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_ssh_is_reported_in_one_line_and_reaped() {
+    fn a_failing_ssh_is_reported_in_one_line() {
         // `false` as the ssh program: it exits at once, saying nothing.
         let t = SshTarget {
             user: Some("u"),

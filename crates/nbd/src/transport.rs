@@ -61,10 +61,16 @@ fn connect_vsock(cid: u32, port: u32, timeout: Option<Duration>) -> io::Result<S
     let named = |e: io::Error| {
         let hint = match e.raw_os_error() {
             Some(libc::ENODEV) => " (no vsock transport to that CID here)",
+            // vsock answers a connect to a port nobody listens on so.
+            Some(libc::ECONNRESET | libc::ECONNREFUSED) => " (nothing listens on that port)",
             Some(libc::EAFNOSUPPORT) => " (this kernel has no vsock)",
             _ => "",
         };
-        io::Error::new(e.kind(), format!("vsock CID {cid} port {port}: {e}{hint}"))
+        let why = crate::error::describe_io(&e);
+        io::Error::new(
+            e.kind(),
+            format!("vsock CID {cid} port {port}: {why}{hint}"),
+        )
     };
     let sock = Socket::new(Domain::VSOCK, Type::STREAM, None).map_err(named)?;
     let sa = SockAddr::vsock(cid, port);

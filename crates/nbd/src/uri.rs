@@ -13,7 +13,7 @@
 //! `nbds+ssh`) run `ssh` to the host and, there, `nc -U -- PATH`, which
 //! joins ssh's standard input and output to the server's Unix socket;
 //! without `socket=`, `nc localhost NBD-PORT` (`nbd-port=`, default
-//! 10809), as libnbd 1.22 does.
+//! 10809): the URIs libnbd 1.22 added, handled the way it does.
 //!
 //! Parsing is pure: nothing is read here (the login name, certificate
 //! files and keys are looked up when connecting).
