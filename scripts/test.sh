@@ -18,6 +18,11 @@ command -v groff >/dev/null 2>&1 || missing+=(groff-base)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 { command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openssl; } || missing+=(libssl-dev)
 { command -v certtool && command -v psktool; } >/dev/null 2>&1 || missing+=(gnutls-bin)
+# nbd+ssh: the tests start their own sshd on 127.0.0.1 (never the system
+# service), log in with ssh, and run OpenBSD nc on the "remote" side.
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+{ command -v ssh && command -v ssh-keygen; } >/dev/null 2>&1 || missing+=(openssh-client)
+{ command -v nc && nc -h 2>&1 | grep -q -- '-U'; } || missing+=(netcat-openbsd)
 
 if ((${#missing[@]})); then
     echo "scripts/test.sh: installing ${missing[*]}" >&2
@@ -35,6 +40,12 @@ if ((${#missing[@]})); then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
     [ -z "$guard" ] || $sudo rm -f /usr/sbin/policy-rc.d
+fi
+# sshd refuses to start without its privilege separation directory.
+if [ -x /usr/sbin/sshd ] && [ ! -d /run/sshd ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo mkdir -p -m 0755 /run/sshd
 fi
 
 cargo fmt --all -- --check

@@ -22,6 +22,8 @@ const NBD_SCHEMES: &[&str] = &[
     "nbds+unix:",
     "nbd+vsock:",
     "nbds+vsock:",
+    "nbd+ssh:",
+    "nbds+ssh:",
 ];
 
 /// What the user named as a source or destination.
@@ -245,6 +247,14 @@ mod tests {
             EndpointSpec::parse("nbd+unix:///?socket=/s"),
             EndpointSpec::Nbd("nbd+unix:///?socket=/s".into())
         );
+        for uri in [
+            "nbd+vsock://2/x",
+            "nbds+vsock:///",
+            "nbd+ssh://h/?socket=/s",
+            "nbds+ssh://u@h:22/",
+        ] {
+            assert_eq!(EndpointSpec::parse(uri), EndpointSpec::Nbd(uri.into()));
+        }
         assert_eq!(
             EndpointSpec::parse("disk.img"),
             EndpointSpec::Path("disk.img".into())

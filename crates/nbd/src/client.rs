@@ -447,7 +447,8 @@ impl Client {
         self.has(NBD_FLAG_READ_ONLY)
     }
 
-    /// The connection is TCP (not a Unix socket), with or without TLS.
+    /// The connection crosses a network (TCP, vsock or ssh, not a local
+    /// Unix socket), with or without TLS.
     pub fn is_tcp(&self) -> bool {
         self.reader.get_ref().is_tcp()
     }

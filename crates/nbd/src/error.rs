@@ -155,7 +155,13 @@ impl Error {
             io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
         );
         let (kind, message) = if timed_out {
-            (ErrorKind::Timeout, "timed out".to_string())
+            // A timeout the transport explained (which address, what it
+            // waited for) keeps its explanation.
+            let message = match err.get_ref() {
+                Some(_) => describe_io(&err),
+                None => "timed out".to_string(),
+            };
+            (ErrorKind::Timeout, message)
         } else {
             (ErrorKind::Io, describe_io(&err))
         };

@@ -15,8 +15,9 @@
 //!   `base:allocation`, `NBD_OPT_GO` with block sizes, `NBD_OPT_EXPORT_NAME`
 //!   fallback);
 //! - [`client`]: one connection with pipelined requests;
-//! - [`uri`]: `nbd://`, `nbd+unix://`, `nbds://` and `nbds+unix://`
-//!   URIs;
+//! - [`uri`]: `nbd://`, `nbd+unix://`, `nbd+vsock://`, `nbd+ssh://`
+//!   and their `nbds` forms;
+//! - [`ssh`]: the ssh child process an `nbd+ssh` connection runs through;
 //! - [`error`]: one error type, with kind, operation, offset and length,
 //!   the server's errno and the underlying cause.
 //!
@@ -30,6 +31,7 @@ pub mod client;
 pub mod error;
 pub mod handshake;
 pub mod splice;
+pub mod ssh;
 pub mod tls;
 pub mod transport;
 pub mod uri;

@@ -178,12 +178,12 @@ pub fn load_psk(path: &Path, user: &str) -> Result<Vec<u8>> {
 }
 
 /// The name the server's certificate must be for: `tls-hostname`, else
-/// the TCP host; none over a Unix socket.
+/// the TCP or ssh host; none over a Unix or vsock socket.
 pub fn peer_name(uri: &NbdUri, settings: &TlsSettings) -> Option<String> {
     match (&settings.hostname, &uri.address) {
         (Some(h), _) => Some(h.clone()),
-        (None, NbdAddress::Tcp { host, .. }) => Some(host.clone()),
-        (None, NbdAddress::Unix { .. }) => None,
+        (None, NbdAddress::Tcp { host, .. } | NbdAddress::Ssh { host, .. }) => Some(host.clone()),
+        (None, NbdAddress::Unix { .. } | NbdAddress::Vsock { .. }) => None,
     }
 }
 

@@ -1,5 +1,6 @@
-//! The byte stream under an NBD connection: a TCP or Unix domain socket,
-//! or either one inside TLS.
+//! The byte stream under an NBD connection: a TCP, Unix domain or vsock
+//! socket, an ssh child process ([`crate::ssh`]), or any of them inside
+//! TLS.
 //!
 //! Sockets are blocking (one thread drives one connection) and TCP ones
 //! have Nagle's algorithm off (the protocol asks for it: small request
@@ -31,6 +32,10 @@ pub enum Transport {
     Tcp(TcpStream),
     /// Unix domain socket connection.
     Unix(UnixStream),
+    /// `AF_VSOCK` connection (to a virtual machine's host, or a guest).
+    Vsock(Socket),
+    /// A connection carried by ssh to a remote host.
+    Ssh(Box<crate::ssh::SshStream>),
     /// A TCP or Unix socket inside TLS.
     #[cfg(feature = "tls")]
     Tls(Box<crate::tls::TlsStream>),
@@ -45,6 +50,33 @@ fn tune_buffers(sock: SockRef<'_>) {
     if let Err(e) = sock.set_recv_buffer_size(SOCKET_BUFFER_SIZE) {
         log::debug!("cannot set SO_RCVBUF: {e}");
     }
+}
+
+/// How long a vsock connect may take when no timeout is given.
+pub const VSOCK_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connect to vsock `cid:port` within `timeout` (else
+/// [`VSOCK_CONNECT_TIMEOUT`]); the error names the address.
+fn connect_vsock(cid: u32, port: u32, timeout: Option<Duration>) -> io::Result<Socket> {
+    let named = |e: io::Error| {
+        let hint = match e.raw_os_error() {
+            Some(libc::ENODEV) => " (no vsock transport to that CID here)",
+            // vsock answers a connect to a port nobody listens on so.
+            Some(libc::ECONNRESET | libc::ECONNREFUSED) => " (nothing listens on that port)",
+            Some(libc::EAFNOSUPPORT) => " (this kernel has no vsock)",
+            _ => "",
+        };
+        let why = crate::error::describe_io(&e);
+        io::Error::new(
+            e.kind(),
+            format!("vsock CID {cid} port {port}: {why}{hint}"),
+        )
+    };
+    let sock = Socket::new(Domain::VSOCK, Type::STREAM, None).map_err(named)?;
+    let sa = SockAddr::vsock(cid, port);
+    sock.connect_timeout(&sa, timeout.unwrap_or(VSOCK_CONNECT_TIMEOUT))
+        .map_err(named)?;
+    Ok(sock)
 }
 
 fn connect_tcp_addr(addr: &SocketAddr, timeout: Option<Duration>) -> io::Result<TcpStream> {
@@ -89,13 +121,26 @@ impl Transport {
                 Ok(())
             }
             Transport::Unix(s) => write_all_vectored(&mut &*s, parts),
+            Transport::Vsock(s) => write_all_vectored(&mut &*s, parts),
+            Transport::Ssh(s) => s.socket_mut().send_message(parts),
             #[cfg(feature = "tls")]
             Transport::Tls(s) => s.send_message(parts),
         }
     }
 
-    /// The plain socket: this one, or the one under TLS.
+    /// The plain socket: this one, the one under TLS, or this side of
+    /// the socket pair an ssh child process uses.
     pub fn socket(&self) -> &Transport {
+        match self {
+            #[cfg(feature = "tls")]
+            Transport::Tls(s) => s.socket().socket(),
+            Transport::Ssh(s) => s.socket(),
+            _ => self,
+        }
+    }
+
+    /// The transport under TLS, if any: this one otherwise.
+    fn under_tls(&self) -> &Transport {
         match self {
             #[cfg(feature = "tls")]
             Transport::Tls(s) => s.socket(),
@@ -103,9 +148,13 @@ impl Transport {
         }
     }
 
-    /// The connection runs over TCP (with or without TLS).
+    /// The connection crosses a network as TCP does (with or without
+    /// TLS): TCP itself, vsock, or ssh (whose own connection is TCP).
     pub fn is_tcp(&self) -> bool {
-        matches!(self.socket(), Transport::Tcp(_))
+        matches!(
+            self.under_tls(),
+            Transport::Tcp(_) | Transport::Vsock(_) | Transport::Ssh(_)
+        )
     }
 
     /// The connection runs inside TLS.
@@ -176,6 +225,25 @@ impl Transport {
                 let stream: std::os::unix::net::UnixStream = sock.into();
                 Transport::Unix(stream)
             }
+            NbdAddress::Vsock { cid, port } => {
+                Transport::Vsock(connect_vsock(*cid, *port, timeout)?)
+            }
+            NbdAddress::Ssh {
+                user,
+                host,
+                port,
+                socket,
+                nbd_port,
+            } => {
+                let target = crate::ssh::SshTarget {
+                    user: user.as_deref(),
+                    host,
+                    port: *port,
+                    socket: socket.as_deref(),
+                    nbd_port: *nbd_port,
+                };
+                Transport::Ssh(Box::new(crate::ssh::SshStream::connect(&target, timeout)?))
+            }
         };
         t.set_timeout(timeout)?;
         Ok(t)
@@ -205,8 +273,13 @@ impl Transport {
                 s.set_read_timeout(timeout)?;
                 s.set_write_timeout(timeout)
             }
+            Transport::Vsock(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
             #[cfg(feature = "tls")]
             Transport::Tls(_) => unreachable!("socket() is never TLS"),
+            Transport::Ssh(_) => unreachable!("socket() is never ssh"),
         }
     }
 
@@ -216,8 +289,10 @@ impl Transport {
         match self.socket() {
             Transport::Tcp(s) => s.shutdown(how),
             Transport::Unix(s) => s.shutdown(how),
+            Transport::Vsock(s) => s.shutdown(how),
             #[cfg(feature = "tls")]
             Transport::Tls(_) => unreachable!("socket() is never TLS"),
+            Transport::Ssh(_) => unreachable!("socket() is never ssh"),
         }
     }
 
@@ -229,8 +304,10 @@ impl Transport {
         Ok(match self.socket() {
             Transport::Tcp(s) => Transport::Tcp(s.try_clone()?),
             Transport::Unix(s) => Transport::Unix(s.try_clone()?),
+            Transport::Vsock(s) => Transport::Vsock(s.try_clone()?),
             #[cfg(feature = "tls")]
             Transport::Tls(_) => unreachable!("socket() is never TLS"),
+            Transport::Ssh(_) => unreachable!("socket() is never ssh"),
         })
     }
 }
@@ -241,8 +318,10 @@ impl std::os::fd::AsRawFd for Transport {
         match self.socket() {
             Transport::Tcp(s) => s.as_raw_fd(),
             Transport::Unix(s) => s.as_raw_fd(),
+            Transport::Vsock(s) => s.as_raw_fd(),
             #[cfg(feature = "tls")]
             Transport::Tls(_) => unreachable!("socket() is never TLS"),
+            Transport::Ssh(_) => unreachable!("socket() is never ssh"),
         }
     }
 }
@@ -258,6 +337,8 @@ impl Read for Transport {
         match self {
             Transport::Tcp(s) => s.read(buf),
             Transport::Unix(s) => s.read(buf),
+            Transport::Vsock(s) => s.read(buf),
+            Transport::Ssh(s) => s.socket_mut().read(buf),
             #[cfg(feature = "tls")]
             Transport::Tls(s) => s.read(buf),
         }
@@ -267,6 +348,8 @@ impl Read for Transport {
         match self {
             Transport::Tcp(s) => s.read_vectored(bufs),
             Transport::Unix(s) => s.read_vectored(bufs),
+            Transport::Vsock(s) => s.read_vectored(bufs),
+            Transport::Ssh(s) => s.socket_mut().read_vectored(bufs),
             #[cfg(feature = "tls")]
             Transport::Tls(s) => s.read_vectored(bufs),
         }
@@ -278,6 +361,8 @@ impl Write for Transport {
         match self {
             Transport::Tcp(s) => s.write(buf),
             Transport::Unix(s) => s.write(buf),
+            Transport::Vsock(s) => s.write(buf),
+            Transport::Ssh(s) => s.socket_mut().write(buf),
             // What a write hands over goes out at once, as on a plain
             // socket (requests go through `send_message`).
             #[cfg(feature = "tls")]
@@ -293,6 +378,8 @@ impl Write for Transport {
         match self {
             Transport::Tcp(s) => s.write_vectored(bufs),
             Transport::Unix(s) => s.write_vectored(bufs),
+            Transport::Vsock(s) => s.write_vectored(bufs),
+            Transport::Ssh(s) => s.socket_mut().write_vectored(bufs),
             #[cfg(feature = "tls")]
             Transport::Tls(s) => {
                 let n = s.write_vectored(bufs)?;

@@ -7,10 +7,16 @@
 //! `tls-psk-file=FILE`, `tls-username=NAME` and `tls-hostname=NAME`
 //! ([`TlsSettings`]).
 //!
+//! `nbd+vsock://CID[:PORT]/export` (and `nbds+vsock`) reach a server over
+//! `AF_VSOCK`, from a virtual machine to its host (CID 2, the default) or
+//! another guest. `nbd+ssh://[user@]host[:port]/export?socket=PATH` (and
+//! `nbds+ssh`) run `ssh` to the host and, there, `nc -U -- PATH`, which
+//! joins ssh's standard input and output to the server's Unix socket;
+//! without `socket=`, `nc localhost NBD-PORT` (`nbd-port=`, default
+//! 10809): the URIs libnbd 1.22 added, handled the way it does.
+//!
 //! Parsing is pure: nothing is read here (the login name, certificate
-//! files and keys are looked up when connecting). vsock URIs are
-//! recognised so that the user is told they are not supported rather than
-//! that the URI is bad.
+//! files and keys are looked up when connecting).
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -41,6 +47,27 @@ pub enum NbdAddress {
     Unix {
         /// Socket path.
         path: PathBuf,
+    },
+    /// `AF_VSOCK`: context ID and port.
+    Vsock {
+        /// Context ID (2 is the host).
+        cid: u32,
+        /// vsock port.
+        port: u32,
+    },
+    /// A server reached through `ssh` to `host`, which runs `nc` there.
+    Ssh {
+        /// The ssh user (`user@`); `None` leaves it to ssh.
+        user: Option<String>,
+        /// Host name or address literal (never starting with `-`).
+        host: String,
+        /// The ssh port; `None` leaves it to ssh (22 or its config).
+        port: Option<u16>,
+        /// `socket=PATH`: the server's Unix socket on the remote host.
+        socket: Option<PathBuf>,
+        /// `nbd-port=N`: without `socket=`, the TCP port on the remote
+        /// host's localhost.
+        nbd_port: u16,
     },
 }
 
@@ -105,8 +132,7 @@ pub struct NbdUri {
 impl NbdUri {
     /// Parse an NBD URI.
     ///
-    /// Errors are [`ErrorKind::InvalidInput`] naming what is wrong, except
-    /// vsock URIs, which are [`ErrorKind::Unsupported`]. TLS URIs parse
+    /// Errors are [`ErrorKind::InvalidInput`] naming what is wrong. TLS URIs parse
     /// whether or not TLS was built in: connecting says if it was not.
     pub fn parse(s: &str) -> Result<NbdUri> {
         parse(s).map_err(|e| {
@@ -188,15 +214,29 @@ impl fmt::Display for NbdUri {
     /// parses back to the same value.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(if self.tls.is_some() { "nbds" } else { "nbd" })?;
-        if self.address.unix_path().is_some() {
-            f.write_str("+unix")?;
-        }
+        f.write_str(match self.address {
+            NbdAddress::Tcp { .. } => "",
+            NbdAddress::Unix { .. } => "+unix",
+            NbdAddress::Vsock { .. } => "+vsock",
+            NbdAddress::Ssh { .. } => "+ssh",
+        })?;
         f.write_str("://")?;
-        if let Some(user) = self.tls.as_ref().and_then(|t| t.user.as_deref()) {
+        let user = match &self.address {
+            NbdAddress::Ssh { user, .. } => user.as_deref(),
+            _ => self.tls.as_ref().and_then(|t| t.user.as_deref()),
+        };
+        if let Some(user) = user {
             encode_component(f, user.as_bytes(), b"")?;
             f.write_str("@")?;
         }
-        if let NbdAddress::Tcp { host, port } = &self.address {
+        let host_port = match &self.address {
+            NbdAddress::Tcp { host, port } => {
+                Some((host, (*port != DEFAULT_PORT).then_some(*port)))
+            }
+            NbdAddress::Ssh { host, port, .. } => Some((host, *port)),
+            _ => None,
+        };
+        if let Some((host, port)) = host_port {
             if host.contains(':') {
                 f.write_str("[")?;
                 encode_component(f, host.as_bytes(), b":")?;
@@ -204,15 +244,31 @@ impl fmt::Display for NbdUri {
             } else {
                 encode_component(f, host.as_bytes(), b"")?;
             }
-            if *port != DEFAULT_PORT {
+            if let Some(port) = port {
+                write!(f, ":{port}")?;
+            }
+        }
+        if let NbdAddress::Vsock { cid, port } = &self.address {
+            write!(f, "{cid}")?;
+            if *port != u32::from(DEFAULT_PORT) {
                 write!(f, ":{port}")?;
             }
         }
         f.write_str("/")?;
         encode_component(f, self.export.as_bytes(), b"/")?;
         let mut query = Query { f, first: true };
-        if let NbdAddress::Unix { path } = &self.address {
-            query.param("socket", path.as_os_str().as_bytes())?;
+        match &self.address {
+            NbdAddress::Unix { path } => query.param("socket", path.as_os_str().as_bytes())?,
+            NbdAddress::Ssh {
+                socket, nbd_port, ..
+            } => match socket {
+                Some(path) => query.param("socket", path.as_os_str().as_bytes())?,
+                None if *nbd_port != DEFAULT_PORT => {
+                    query.param("nbd-port", nbd_port.to_string().as_bytes())?
+                }
+                None => {}
+            },
+            _ => {}
         }
         if let Some(tls) = &self.tls {
             if let Some(dir) = &tls.certificates {
@@ -254,10 +310,6 @@ fn usage(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidInput, msg)
 }
 
-fn unsupported(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::Unsupported, msg)
-}
-
 /// Decode `%XY` escapes; `what` names the component for the error.
 fn percent_decode(s: &str, what: &str) -> Result<Vec<u8>> {
     let b = s.as_bytes();
@@ -297,6 +349,8 @@ fn percent_decode_utf8(s: &str, what: &str) -> Result<String> {
 enum Scheme {
     Tcp,
     Unix,
+    Vsock,
+    Ssh,
 }
 
 /// The scheme: its transport, and whether TLS is required.
@@ -306,10 +360,13 @@ fn parse_scheme(scheme: &str) -> Result<(Scheme, bool)> {
         "nbd+unix" => (Scheme::Unix, false),
         "nbds" => (Scheme::Tcp, true),
         "nbds+unix" => (Scheme::Unix, true),
-        "nbd+vsock" | "nbds+vsock" => return Err(unsupported("vsock is not supported")),
+        "nbd+vsock" => (Scheme::Vsock, false),
+        "nbds+vsock" => (Scheme::Vsock, true),
+        "nbd+ssh" => (Scheme::Ssh, false),
+        "nbds+ssh" => (Scheme::Ssh, true),
         other => {
             return Err(usage(format!(
-                "unknown scheme '{other}' (expected nbd, nbds, nbd+unix or nbds+unix)"
+                "unknown scheme '{other}' (expected nbd, nbd+unix, nbd+vsock, nbd+ssh or their nbds forms)"
             )));
         }
     })
@@ -319,6 +376,7 @@ fn parse_scheme(scheme: &str) -> Result<(Scheme, bool)> {
 #[derive(Default)]
 struct QueryParams {
     socket: Option<PathBuf>,
+    nbd_port: Option<u16>,
     tls: TlsSettings,
 }
 
@@ -381,13 +439,25 @@ fn parse_query(query: &str, scheme: Scheme, tls: bool) -> Result<QueryParams> {
         let t = &mut q.tls;
         match key.as_str() {
             "socket" => {
-                if scheme != Scheme::Unix {
+                if !matches!(scheme, Scheme::Unix | Scheme::Ssh) {
                     return Err(usage(
-                        "socket= is only valid with nbd+unix:// or nbds+unix://",
+                        "socket= is only valid with nbd+unix://, nbd+ssh:// or their nbds forms",
                     ));
                 }
                 let path = path_param("socket", value)?;
+                if scheme == Scheme::Ssh && path.as_os_str().as_bytes().contains(&0) {
+                    return Err(usage("socket= of an ssh URI contains a NUL byte"));
+                }
                 set_once(&mut q.socket, "socket", path)?;
+            }
+            "nbd-port" => {
+                if scheme != Scheme::Ssh {
+                    return Err(usage(
+                        "nbd-port= is only valid with nbd+ssh:// or nbds+ssh://",
+                    ));
+                }
+                let v = percent_decode_utf8(value, "nbd-port")?;
+                set_once(&mut q.nbd_port, "nbd-port", parse_port(&v)?)?;
             }
             // Without TLS these mean nothing; the scheme did not ask for
             // TLS, so they are ignored (libnbd ignores them too).
@@ -459,6 +529,36 @@ fn parse(s: &str) -> Result<NbdUri> {
         }
     }
     let address = match scheme {
+        Scheme::Vsock => {
+            let (cid, port) = parse_vsock_authority(hostport)?;
+            NbdAddress::Vsock { cid, port }
+        }
+        Scheme::Ssh => {
+            if q.socket.is_some() && q.nbd_port.is_some() {
+                return Err(usage("socket= and nbd-port= cannot both be given"));
+            }
+            let user = match user {
+                Some(u) if !u.is_empty() => Some(name_param("user name", u)?),
+                _ => None,
+            };
+            let (host, port) = parse_authority(hostport)?;
+            if host.starts_with('-') {
+                return Err(usage(format!(
+                    "host '{host}' starts with '-' (ssh would take it for an option)"
+                )));
+            }
+            if user.as_deref().is_some_and(|u| u.starts_with('-')) {
+                return Err(usage("user name starts with '-'"));
+            }
+            let port = hostport_has_port(hostport).then_some(port);
+            NbdAddress::Ssh {
+                user,
+                host,
+                port,
+                socket: q.socket.take(),
+                nbd_port: q.nbd_port.unwrap_or(DEFAULT_PORT),
+            }
+        }
         Scheme::Unix => {
             if !hostport.is_empty() {
                 return Err(usage(format!(
@@ -480,6 +580,48 @@ fn parse(s: &str) -> Result<NbdUri> {
         export,
         tls: tls.then_some(q.tls),
     })
+}
+
+/// A port number: 1 to 65535, digits only.
+fn parse_port(p: &str) -> Result<u16> {
+    match p.parse::<u16>() {
+        Ok(n) if n != 0 && p.bytes().all(|c| c.is_ascii_digit()) => Ok(n),
+        _ => Err(usage(format!("bad port '{p}'"))),
+    }
+}
+
+/// Whether `host[:port]` names a port that is not empty.
+fn hostport_has_port(hostport: &str) -> bool {
+    let after = match hostport.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or("", |(_, a)| a),
+        None => hostport,
+    };
+    after.split_once(':').is_some_and(|(_, p)| !p.is_empty())
+}
+
+/// `CID[:PORT]` of a vsock URI, both decimal; an empty CID is the host
+/// (2), an empty port the NBD port.
+fn parse_vsock_authority(hostport: &str) -> Result<(u32, u32)> {
+    let (cid, port) = hostport.split_once(':').unwrap_or((hostport, ""));
+    let number = |what: &str, v: &str| -> Result<u32> {
+        match v.parse::<u32>() {
+            Ok(n) if v.bytes().all(|c| c.is_ascii_digit()) => Ok(n),
+            _ => Err(usage(format!(
+                "bad vsock {what} '{v}' (expected nbd+vsock://CID[:PORT]/EXPORT, CID and PORT decimal)"
+            ))),
+        }
+    };
+    let cid = if cid.is_empty() {
+        2
+    } else {
+        number("CID", cid)?
+    };
+    let port = if port.is_empty() {
+        u32::from(DEFAULT_PORT)
+    } else {
+        number("port", port)?
+    };
+    Ok((cid, port))
 }
 
 /// `host[:port]`, the user part already taken off.
@@ -512,10 +654,7 @@ fn parse_authority(hostport: &str) -> Result<(String, u16)> {
     let port = match port {
         // RFC 3986 allows an empty port, meaning the default.
         None | Some("") => DEFAULT_PORT,
-        Some(p) => match p.parse::<u16>() {
-            Ok(n) if n != 0 && p.bytes().all(|c| c.is_ascii_digit()) => n,
-            _ => return Err(usage(format!("bad port '{p}'"))),
-        },
+        Some(p) => parse_port(p)?,
     };
     Ok((host, port))
 }
@@ -525,7 +664,7 @@ impl NbdAddress {
     pub fn unix_path(&self) -> Option<&Path> {
         match self {
             NbdAddress::Unix { path } => Some(path),
-            NbdAddress::Tcp { .. } => None,
+            _ => None,
         }
     }
 }
@@ -540,10 +679,6 @@ mod tests {
 
     fn kind_of(s: &str) -> ErrorKind {
         NbdUri::parse(s).unwrap_err().kind()
-    }
-
-    fn message_of(s: &str) -> String {
-        NbdUri::parse(s).unwrap_err().to_string()
     }
 
     #[test]
@@ -636,16 +771,130 @@ mod tests {
         );
     }
 
-    #[test]
-    fn vsock_is_unsupported() {
-        for s in [
-            "nbd+vsock://1:10809/x",
-            "nbds+vsock://2/x",
-            "NBD+VSOCK://1/",
-        ] {
-            assert_eq!(kind_of(s), ErrorKind::Unsupported, "{s}");
+    fn vsock(cid: u32, port: u32, export: &str) -> NbdUri {
+        NbdUri {
+            address: NbdAddress::Vsock { cid, port },
+            export: export.into(),
+            tls: None,
         }
-        assert!(message_of("nbd+vsock://1/x").contains("vsock is not supported"));
+    }
+
+    fn ssh(user: Option<&str>, host: &str, port: Option<u16>, socket: Option<&str>) -> NbdAddress {
+        NbdAddress::Ssh {
+            user: user.map(String::from),
+            host: host.into(),
+            port,
+            socket: socket.map(PathBuf::from),
+            nbd_port: DEFAULT_PORT,
+        }
+    }
+
+    #[test]
+    fn vsock_forms() {
+        let cases = [
+            ("nbd+vsock://1:10810/x", vsock(1, 10810, "x")),
+            ("nbd+vsock://3/x", vsock(3, 10809, "x")),
+            ("NBD+VSOCK://2/", vsock(2, 10809, "")),
+            // No CID is the host, as libnbd takes it.
+            ("nbd+vsock:///disk", vsock(2, 10809, "disk")),
+            ("nbd+vsock://:99/", vsock(2, 99, "")),
+            (
+                "nbd+vsock://4294967295:4294967295/",
+                vsock(u32::MAX, u32::MAX, ""),
+            ),
+            (
+                "nbds+vsock://2/x",
+                vsock(2, 10809, "x").with_tls(TlsSettings::default()),
+            ),
+            (
+                "nbds+vsock://alice@2/x?tls-psk-file=/k",
+                NbdUri {
+                    tls: tls(|t| {
+                        t.user = Some("alice".into());
+                        t.psk_file = Some("/k".into());
+                    }),
+                    ..vsock(2, 10809, "x")
+                },
+            ),
+        ];
+        for (s, want) in cases {
+            assert_eq!(NbdUri::parse(s).unwrap(), want, "{s}");
+        }
+        for (s, want) in [
+            ("nbd+vsock://host/x", "bad vsock CID 'host'"),
+            ("nbd+vsock://-1/x", "bad vsock CID '-1'"),
+            ("nbd+vsock://4294967296/x", "bad vsock CID"),
+            ("nbd+vsock://2:port/x", "bad vsock port 'port'"),
+            ("nbd+vsock://2:+5/x", "bad vsock port '+5'"),
+            ("nbd+vsock://2/x?socket=/s", "socket= is only valid"),
+            ("nbd+vsock://2/x?nbd-port=1", "nbd-port= is only valid"),
+        ] {
+            let e = NbdUri::parse(s).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{s}");
+            assert!(e.to_string().contains(want), "{s}: {e}");
+        }
+    }
+
+    #[test]
+    fn ssh_forms() {
+        let plain = |address| NbdUri {
+            address,
+            export: "disk".into(),
+            tls: None,
+        };
+        let cases = [
+            (
+                "nbd+ssh://host/disk?socket=/run/nbd.sock",
+                plain(ssh(None, "host", None, Some("/run/nbd.sock"))),
+            ),
+            (
+                "nbd+ssh://alice@host:2222/disk?socket=/tmp/my%20sock",
+                plain(ssh(Some("alice"), "host", Some(2222), Some("/tmp/my sock"))),
+            ),
+            (
+                "NBD+SSH://[::1]:22/disk?socket=s",
+                plain(ssh(None, "::1", Some(22), Some("s"))),
+            ),
+            ("nbd+ssh://host:/disk", plain(ssh(None, "host", None, None))),
+            (
+                "nbd+ssh://host/disk?nbd-port=10810",
+                plain(NbdAddress::Ssh {
+                    user: None,
+                    host: "host".into(),
+                    port: None,
+                    socket: None,
+                    nbd_port: 10810,
+                }),
+            ),
+            (
+                "nbds+ssh://bob@h/disk?socket=/s&tls-certificates=/c",
+                NbdUri {
+                    tls: tls(|t| {
+                        t.user = Some("bob".into());
+                        t.certificates = Some("/c".into());
+                    }),
+                    ..plain(ssh(Some("bob"), "h", None, Some("/s")))
+                },
+            ),
+        ];
+        for (s, want) in cases {
+            assert_eq!(NbdUri::parse(s).unwrap(), want, "{s}");
+        }
+        for (s, want) in [
+            ("nbd+ssh:///disk?socket=/s", "missing host"),
+            ("nbd+ssh://-oProxyCommand=x/disk", "starts with '-'"),
+            ("nbd+ssh://-l@h/disk", "user name starts with '-'"),
+            ("nbd+ssh://h:0/disk", "bad port '0'"),
+            ("nbd+ssh://h/?socket=/s&socket=/t", "more than once"),
+            ("nbd+ssh://h/?socket=/s&nbd-port=1", "cannot both be given"),
+            ("nbd+ssh://h/?nbd-port=70000", "bad port '70000'"),
+            ("nbd+ssh://h/?socket=/a%00b", "NUL"),
+            ("nbd://h/?nbd-port=1", "nbd-port= is only valid"),
+        ] {
+            let e = NbdUri::parse(s).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{s}");
+            assert!(e.to_string().contains(want), "{s}: {e}");
+        }
     }
 
     fn tls(f: impl FnOnce(&mut TlsSettings)) -> Option<TlsSettings> {
@@ -814,6 +1063,7 @@ mod tests {
             ("nbd+unix:///x?socket=/a&socket=/b", "more than once"),
             ("nbd://host/x?socket=/s", "only valid with nbd+unix"),
             ("http://host/x", "unknown scheme 'http'"),
+            ("nbd+tcp://host/x", "unknown scheme 'nbd+tcp'"),
             ("nbd:/host/x", "not a URI"),
             ("disk.img", "not a URI"),
             ("nbd://host/a%2", "bad percent escape '%2'"),
@@ -857,6 +1107,29 @@ mod tests {
             NbdUri {
                 tls: tls(|t| t.user = Some("u".into())),
                 ..tcp("::1", 10810, "x")
+            },
+            vsock(2, 10809, "x"),
+            vsock(7, 1234, "a b").with_tls(TlsSettings::default()),
+            NbdUri {
+                address: ssh(Some("a b"), "::1", Some(2222), Some("/s ock")),
+                export: "e".into(),
+                tls: None,
+            },
+            NbdUri {
+                address: ssh(None, "h", None, None),
+                export: String::new(),
+                tls: None,
+            },
+            NbdUri {
+                address: NbdAddress::Ssh {
+                    user: None,
+                    host: "h".into(),
+                    port: None,
+                    socket: None,
+                    nbd_port: 99,
+                },
+                export: String::new(),
+                tls: None,
             },
         ] {
             let s = u.to_string();

@@ -80,6 +80,17 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
         "An NBD server on the Unix domain socket PATH.",
     ),
     (
+        "nbd+vsock://[CID][:PORT][/EXPORT]",
+        "An NBD server over AF_VSOCK, such as the host of the VM nbdcp runs in: CID 2 \
+         (the host) and port 10809 unless given.",
+    ),
+    (
+        "nbd+ssh://[USER@]HOST[:PORT][/EXPORT]?socket=PATH",
+        "An NBD server on HOST reached through ssh(1), which runs 'nc -U -- PATH' there \
+         (without socket=, 'nc localhost N' for nbd-port=N, default 10809). PORT is ssh's; \
+         NBDCP_SSH names another program to run instead of ssh.",
+    ),
+    (
         "[ CMD ARGS ... ]",
         "An NBD server that nbdcp runs itself with systemd socket activation, such as \
          qemu-nbd(8) or nbdkit(1), and stops when the copy ends. '[' and ']' are words of \
