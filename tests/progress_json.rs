@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 
@@ -106,4 +107,61 @@ fn a_failed_copy_ends_with_an_error_event() {
         field(last, "error").unwrap().contains("read at offset"),
         "{last}"
     );
+}
+
+/// A source killed mid-copy and started again: the reconnect is a `retry`
+/// event naming the source, and the copy still ends with `done` and the
+/// same bytes.
+#[test]
+fn a_reconnect_is_a_retry_event() {
+    let dir = tmp();
+    let src = dir.path().join("src.img");
+    random_file(&src, 8 << 20, 41);
+    let dst = dir.path().join("dst.img");
+    let src_file = format!("file={}", s(&src));
+    // 1 MiB reads one at a time, 300 ms each: about 2.4 s of copying, so
+    // the kill lands in the middle.
+    let mut source = Daemon::nbdkit_logged(
+        dir.path(),
+        Listen::unix(dir.path(), "src.sock"),
+        &["-r", "--filter=delay", "file", &src_file, "rdelay=300ms"],
+    );
+    let uri = source.uri();
+    let events = dir.path().join("events.json");
+    let file = std::fs::File::create(&events).unwrap();
+    let args = [
+        "--progress=json:3",
+        "-C1",
+        "-T1",
+        "-R1",
+        "--request-size=1M",
+        uri.as_str(),
+        s(&dst),
+    ];
+    let mut run = Nbdcp::new(&args).fd3(file).spawn();
+    source.wait_for_requests(LogCommand::Read, 1, Duration::from_secs(10));
+    assert!(run.is_running(), "the copy ended before the kill");
+    source.kill();
+    wait_until("nbdcp to retry", Duration::from_secs(10), || {
+        run.stderr_so_far().contains("retry 1 of")
+    });
+    source.restart();
+    run.wait(Duration::from_secs(60)).assert_ok_after_warnings();
+    assert_same_bytes(&src, &dst);
+    let text = std::fs::read_to_string(&events).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let retries: Vec<&&str> = lines
+        .iter()
+        .filter(|l| field(l, "event") == Some("retry"))
+        .collect();
+    assert!(!retries.is_empty(), "no retry event in {lines:#?}");
+    for retry in &retries {
+        assert_eq!(field(retry, "endpoint"), Some(uri.as_str()), "{retry}");
+        assert!(number(retry, "offset") < 8 << 20, "{retry}");
+        assert!(!field(retry, "error").unwrap_or("").is_empty(), "{retry}");
+    }
+    let last = lines.last().unwrap();
+    assert_eq!(field(last, "event"), Some("done"), "{last}");
+    assert_eq!(number(last, "status"), 0);
+    assert_eq!(number(last, "bytes"), 8 << 20, "{last}");
 }
