@@ -622,6 +622,18 @@ impl Client {
         }
     }
 
+    /// The request header as negotiated: compact, or extended (32 bytes,
+    /// 64-bit length) after `NBD_OPT_EXTENDED_HEADERS`.
+    fn encode_request(&self, r: &Request) -> ([u8; EXTENDED_REQUEST_HEADER_LEN], usize) {
+        if self.neg.extended_headers {
+            (r.encode_extended(), EXTENDED_REQUEST_HEADER_LEN)
+        } else {
+            let mut b = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+            b[..REQUEST_HEADER_LEN].copy_from_slice(&r.encode());
+            (b, REQUEST_HEADER_LEN)
+        }
+    }
+
     /// Send one request (and its payload) and record it in flight.
     #[allow(clippy::too_many_arguments)]
     fn send(
@@ -638,15 +650,14 @@ impl Client {
     ) -> Result<()> {
         let cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1);
-        let header = Request {
+        let (header, hlen) = self.encode_request(&Request {
             flags,
             command,
             cookie,
             offset,
             length,
-        }
-        .encode();
-        if let Err(e) = self.send_bytes(&header, payload, lend) {
+        });
+        if let Err(e) = self.send_bytes(&header[..hlen], payload, lend) {
             return Err(self.io_error(op, e));
         }
         let i = self.free_slot();
@@ -792,7 +803,30 @@ impl Client {
             Ok(n) => n,
             Err(e) => return Err(self.protocol(Operation::Reply, e.to_string())),
         };
+        // Extended headers replace both other kinds of reply, and only
+        // they may use the extended magic.
+        if self.neg.extended_headers != (hlen == EXTENDED_REPLY_HEADER_LEN) {
+            let msg = if self.neg.extended_headers {
+                "server sent a compact reply header after negotiating extended headers"
+            } else {
+                "server sent an extended reply header without negotiating extended headers"
+            };
+            return Err(self.protocol(Operation::Reply, msg));
+        }
         self.read_exact(Operation::Reply, &mut h[4..hlen])?;
+        if hlen == EXTENDED_REPLY_HEADER_LEN {
+            let c = match ExtendedChunkHeader::decode(&h[..hlen]) {
+                Ok(c) => c.chunk(),
+                Err(e) => return Err(self.protocol(Operation::Reply, e.to_string())),
+            };
+            let si = self.find_slot(c.cookie)?;
+            self.chunk(si, &c, reads)?;
+            return if c.is_done() {
+                self.complete(si).map(Some)
+            } else {
+                Ok(None)
+            };
+        }
         if hlen == SIMPLE_REPLY_LEN {
             let r = match SimpleReply::decode(&h[..hlen]) {
                 Ok(r) => r,
@@ -953,6 +987,20 @@ impl Client {
                 }
                 self.block_status_chunk(si, c.length)?;
             }
+            NBD_REPLY_TYPE_BLOCK_STATUS_EXT => {
+                // The extended header decoder is the only one to let
+                // this type through.
+                if command != NBD_CMD_BLOCK_STATUS {
+                    return Err(self.protocol(
+                        op,
+                        format!(
+                            "server sent block status in reply to {}",
+                            command_name(command)
+                        ),
+                    ));
+                }
+                self.block_status_ext_chunk(si, c.length)?;
+            }
             t if t & NBD_REPLY_TYPE_ERROR_BIT != 0 => self.error_chunk(si, t, c.length)?,
             t => {
                 // The header decoder refuses unknown non-error types, but
@@ -1037,6 +1085,56 @@ impl Client {
                 let len = u64::from(d.length).min(req_len - total);
                 self.extents.push((len, d.flags));
                 total += u64::from(d.length);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Client::block_status_chunk`] for `BLOCK_STATUS_EXT`: 64-bit
+    /// extent lengths and flags, of which `base:allocation` uses the low
+    /// 32 bits.
+    fn block_status_ext_chunk(&mut self, si: usize, length: u32) -> Result<()> {
+        let op = self.slots[si].op;
+        let mut pre = [0u8; 8];
+        self.read_exact(op, &mut pre)?;
+        let (id, _count) = match decode_block_status_ext_prefix(&pre, length) {
+            Ok(p) => p,
+            Err(e) => return Err(self.protocol(op, e.to_string())),
+        };
+        // Bounded to MAX_BLOCK_STATUS_EXT_PAYLOAD by the header decoder.
+        let mut remaining = (length - 8) as usize;
+        if Some(id) != self.neg.base_allocation {
+            return self.skip(op, remaining);
+        }
+        if self.slots[si].got_status {
+            return Err(self.protocol(
+                op,
+                "server sent two block status chunks for base:allocation",
+            ));
+        }
+        self.slots[si].got_status = true;
+        let req_len = u64::from(self.slots[si].length);
+        self.extents.clear();
+        let mut total = 0u64;
+        let mut buf = [0u8; 256 * EXTENDED_BLOCK_DESCRIPTOR_LEN];
+        while remaining > 0 {
+            let k = remaining.min(buf.len());
+            self.read_exact(op, &mut buf[..k])?;
+            remaining -= k;
+            for d in buf[..k].chunks_exact(EXTENDED_BLOCK_DESCRIPTOR_LEN) {
+                let d = match ExtendedBlockDescriptor::decode(d) {
+                    Ok(d) => d,
+                    Err(e) => return Err(self.protocol(op, e.to_string())),
+                };
+                if total >= req_len {
+                    return Err(self.protocol(
+                        op,
+                        "server sent extents beyond the end of the block status request",
+                    ));
+                }
+                let len = d.length.min(req_len - total);
+                self.extents.push((len, d.flags as u32));
+                total = total.saturating_add(d.length);
             }
         }
         Ok(())
@@ -1392,16 +1490,15 @@ impl Client {
         if self.dead.is_some() {
             return Ok(());
         }
-        let header = Request {
+        let (header, hlen) = self.encode_request(&Request {
             flags: 0,
             command: NBD_CMD_DISC,
             cookie: self.next_cookie,
             offset: 0,
             length: 0,
-        }
-        .encode();
+        });
         let sock = self.reader.get_mut();
-        let sent = io::Write::write_all(sock, &header);
+        let sent = io::Write::write_all(sock, &header[..hlen]);
         if sent.is_ok() {
             sock.close_tls();
         }
