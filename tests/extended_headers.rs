@@ -1,0 +1,134 @@
+//! NBD extended headers (64-bit request and reply headers) against real
+//! servers: qemu-nbd 10 offers them, nbdkit 1.32 does not, and nbdcp must
+//! copy byte for byte either way.
+
+mod common;
+use common::*;
+
+use std::fs::File;
+
+/// qemu-nbd's trace of the options it is asked for (on its stderr).
+const OPTIONS_TRACE: &str = "nbd_negotiate_options_check_option";
+/// qemu-nbd's trace of every request's type.
+const REQUESTS_TRACE: &str = "nbd_co_receive_request_decode_type";
+
+/// What the client's handshake logged (at debug level) about the header
+/// kinds, from nbdcp's stderr.
+fn negotiated_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .find(|l| l.contains("extended headers "))
+        .unwrap_or_else(|| panic!("no handshake summary in:\n{stderr}"))
+}
+
+#[test]
+fn qemu_nbd_source_negotiates_extended_headers_and_copies_a_sparse_image() {
+    let dir = tmp();
+    let (src, _) = mixed(dir.path(), "src.img", 48 << 20, 0x11);
+    let dst = dir.path().join("dst.img");
+    let server = Server::qemu_nbd(&[
+        "--trace",
+        OPTIONS_TRACE,
+        "--trace",
+        REQUESTS_TRACE,
+        "-f",
+        "raw",
+        "-r",
+        "-e",
+        "4",
+        s(&src),
+    ]);
+    let done = Nbdcp::new(&["-v", &server.uri(), s(&dst)])
+        .env("RUST_LOG", "debug")
+        .run();
+    done.assert_ok();
+    assert_same_bytes(&src, &dst);
+    let trace = server.stderr_text();
+    // Asked for (option 11) and granted: nbdcp then never asks for plain
+    // structured replies (option 8).
+    assert!(trace.contains("option 11 (extended headers)"), "{trace}");
+    assert!(!trace.contains("option 8 "), "{trace}");
+    assert!(trace.contains("type = 7 (block status)"), "{trace}");
+    assert!(trace.contains("type = 0 (read)"), "{trace}");
+    let line = negotiated_line(&done.stderr);
+    assert!(line.contains("extended headers true"), "{line}");
+    assert!(line.contains("structured replies true"), "{line}");
+}
+
+#[test]
+fn qemu_nbd_destination_takes_writes_and_zeroes_with_extended_headers() {
+    let dir = tmp();
+    let size = 40u64 << 20;
+    let (src, _) = mixed(dir.path(), "src.img", size, 0x22);
+    let dst = dir.path().join("dst.img");
+    // Start from garbage, so holes must really be zeroed.
+    std::fs::write(&dst, vec![0xee; size as usize]).unwrap();
+    let server = Server::qemu_nbd(&[
+        "--trace",
+        OPTIONS_TRACE,
+        "--trace",
+        REQUESTS_TRACE,
+        "-f",
+        "raw",
+        "-e",
+        "4",
+        s(&dst),
+    ]);
+    let done = Nbdcp::new(&["-v", s(&src), &server.uri()])
+        .env("RUST_LOG", "debug")
+        .run();
+    done.assert_ok();
+    assert_same_bytes(&src, &dst);
+    let trace = server.stderr_text();
+    assert!(trace.contains("option 11 (extended headers)"), "{trace}");
+    assert!(!trace.contains("option 8 "), "{trace}");
+    assert!(trace.contains("type = 1 (write)"), "{trace}");
+    assert!(trace.contains("type = 6 (write zeroes)"), "{trace}");
+    let line = negotiated_line(&done.stderr);
+    assert!(line.contains("extended headers true"), "{line}");
+}
+
+#[test]
+fn qemu_nbd_to_qemu_nbd_with_extended_headers_on_both_ends() {
+    let dir = tmp();
+    let size = 32u64 << 20;
+    let (src, _) = mixed(dir.path(), "src.img", size, 0x33);
+    let dst = dir.path().join("dst.img");
+    File::create(&dst).unwrap().set_len(size).unwrap();
+    let from = Server::qemu_nbd(&["-f", "raw", "-r", "-e", "4", s(&src)]);
+    let to = Server::qemu_nbd(&["-f", "raw", "-e", "4", s(&dst)]);
+    let done = Nbdcp::new(&["-v", &from.uri(), &to.uri()])
+        .env("RUST_LOG", "debug")
+        .run();
+    done.assert_ok();
+    assert_same_bytes(&src, &dst);
+    let n = done
+        .stderr
+        .lines()
+        .filter(|l| l.contains("extended headers true"))
+        .count();
+    assert!(n >= 2, "{}", done.stderr);
+}
+
+#[test]
+fn nbdkit_without_extended_headers_falls_back_to_structured_replies() {
+    let dir = tmp();
+    let (src, _) = mixed(dir.path(), "src.img", 48 << 20, 0x44);
+    let dst = dir.path().join("dst.img");
+    let server = Server::nbdkit(&["file", s(&src)]);
+    let done = Nbdcp::new(&["-v", &server.uri(), s(&dst)])
+        .env("RUST_LOG", "debug")
+        .run();
+    done.assert_ok();
+    assert_same_bytes(&src, &dst);
+    let line = negotiated_line(&done.stderr);
+    assert!(line.contains("extended headers false"), "{line}");
+    assert!(line.contains("structured replies true"), "{line}");
+    assert!(line.contains("base:allocation Some"), "{line}");
+    // nbdkit refused the option, and said so.
+    assert!(
+        done.stderr.contains("no extended headers"),
+        "{}",
+        done.stderr
+    );
+}
