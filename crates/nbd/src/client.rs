@@ -124,7 +124,12 @@ struct Slot {
     command: u16,
     op: Operation,
     offset: u64,
+    /// The request's length, saturated to 32 bits (a payload's length
+    /// always fits).
     length: u32,
+    /// The request's whole length, beyond 32 bits only for a block status
+    /// request with extended headers.
+    effect: u64,
     /// Index of the caller's read request this fills.
     target: usize,
     /// Where this (possibly split) request starts in that buffer.
@@ -149,6 +154,7 @@ impl Default for Slot {
             op: Operation::Reply,
             offset: 0,
             length: 0,
+            effect: 0,
             target: 0,
             buf_start: 0,
             covered: Vec::new(),
@@ -625,8 +631,19 @@ impl Client {
     /// The request header as negotiated: compact, or extended (32 bytes,
     /// 64-bit length) after `NBD_OPT_EXTENDED_HEADERS`.
     fn encode_request(&self, r: &Request) -> ([u8; EXTENDED_REQUEST_HEADER_LEN], usize) {
+        self.encode_wide_request(r, r.length.into())
+    }
+
+    /// [`Client::encode_request`] with a length of up to 64 bits, which
+    /// only an extended header carries (the caller sees to that).
+    fn encode_wide_request(
+        &self,
+        r: &Request,
+        length: u64,
+    ) -> ([u8; EXTENDED_REQUEST_HEADER_LEN], usize) {
         if self.neg.extended_headers {
-            (r.encode_extended(), EXTENDED_REQUEST_HEADER_LEN)
+            let b = encode_extended_request(r.flags, r.command, r.cookie, r.offset, length);
+            (b, EXTENDED_REQUEST_HEADER_LEN)
         } else {
             let mut b = [0u8; EXTENDED_REQUEST_HEADER_LEN];
             b[..REQUEST_HEADER_LEN].copy_from_slice(&r.encode());
@@ -642,21 +659,30 @@ impl Client {
         command: u16,
         flags: u16,
         offset: u64,
-        length: u32,
+        effect: u64,
         payload: &[u8],
         lend: bool,
         target: usize,
         buf_start: usize,
     ) -> Result<()> {
+        let length = u32::try_from(effect).unwrap_or(u32::MAX);
+        if u64::from(length) != effect && !self.neg.extended_headers {
+            return Err(self.error(
+                ErrorKind::InvalidInput,
+                op,
+                "internal error: request longer than 32 bits without extended headers",
+            ));
+        }
         let cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1);
-        let (header, hlen) = self.encode_request(&Request {
+        let r = Request {
             flags,
             command,
             cookie,
             offset,
             length,
-        });
+        };
+        let (header, hlen) = self.encode_wide_request(&r, effect);
         if let Err(e) = self.send_bytes(&header[..hlen], payload, lend) {
             return Err(self.io_error(op, e));
         }
@@ -668,6 +694,7 @@ impl Client {
         s.op = op;
         s.offset = offset;
         s.length = length;
+        s.effect = effect;
         s.target = target;
         s.buf_start = buf_start;
         s.covered.clear();
@@ -1063,7 +1090,7 @@ impl Client {
             ));
         }
         self.slots[si].got_status = true;
-        let req_len = u64::from(self.slots[si].length);
+        let req_len = self.slots[si].effect;
         self.extents.clear();
         let mut total = 0u64;
         let mut buf = [0u8; 512 * BLOCK_DESCRIPTOR_LEN];
@@ -1113,7 +1140,7 @@ impl Client {
             ));
         }
         self.slots[si].got_status = true;
-        let req_len = u64::from(self.slots[si].length);
+        let req_len = self.slots[si].effect;
         self.extents.clear();
         let mut total = 0u64;
         let mut buf = [0u8; 256 * EXTENDED_BLOCK_DESCRIPTOR_LEN];
@@ -1194,7 +1221,7 @@ impl Client {
                     NBD_CMD_READ,
                     0,
                     at,
-                    len as u32,
+                    len as u64,
                     &[],
                     false,
                     idx,
@@ -1388,7 +1415,17 @@ impl Client {
                 if self.in_flight > 0 && self.overlaps_in_flight(offset, length) {
                     break;
                 }
-                self.send(op, command, flags, offset, length, payload, lend, 0, 0)?;
+                self.send(
+                    op,
+                    command,
+                    flags,
+                    offset,
+                    length.into(),
+                    payload,
+                    lend,
+                    0,
+                    0,
+                )?;
                 self.write_bytes_in_flight += counted;
                 current = Some((cmd, done + u64::from(length)));
             }
@@ -1417,7 +1454,7 @@ impl Client {
         command: u16,
         flags: u16,
         offset: u64,
-        length: u32,
+        length: u64,
     ) -> Result<()> {
         self.check_alive(op)?;
         self.send(op, command, flags, offset, length, &[], false, 0, 0)?;
@@ -1463,8 +1500,9 @@ impl Client {
     /// `base:allocation` extents of `[offset, offset + length)`, as
     /// (length, `NBD_STATE_*` flags) pairs starting at `offset`. One
     /// request is sent, its length clamped to what 32 bits hold (rounded
-    /// to the minimum block size), so the list may end early; the last
-    /// extent is clipped to the request.
+    /// to the minimum block size) unless extended headers were negotiated,
+    /// which carry all of it; the list may end early, and the last extent
+    /// is clipped to the request.
     pub fn block_status(&mut self, offset: u64, length: u64) -> Result<Vec<(u64, u32)>> {
         const OP: Operation = Operation::BlockStatus;
         if self.neg.base_allocation.is_none() {
@@ -1478,8 +1516,12 @@ impl Client {
             return Ok(Vec::new());
         }
         let min = u64::from(self.block.minimum);
-        let cap = u64::from(u32::MAX) / min * min;
-        let len = length.min(cap) as u32;
+        let cap = if self.neg.extended_headers {
+            u64::MAX / min * min
+        } else {
+            u64::from(u32::MAX) / min * min
+        };
+        let len = length.min(cap);
         self.round_trip(OP, NBD_CMD_BLOCK_STATUS, 0, offset, len)?;
         Ok(std::mem::take(&mut self.extents))
     }

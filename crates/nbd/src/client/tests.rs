@@ -1010,3 +1010,34 @@ fn extended_requests_are_32_bytes_with_64_bit_lengths() {
     drop(c);
     server.join().unwrap().unwrap();
 }
+
+#[test]
+fn extended_block_status_covers_more_than_4_gib_in_one_request() {
+    let (t, server) = scripted(|p| {
+        p.serve_go(&Export::new(16 << 30).context(1).extended())?;
+        let mut h = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+        p.stream().read_exact(&mut h)?;
+        let (r, len) = decode_extended_request(&h).unwrap();
+        assert_eq!(
+            (r.command, r.offset, len),
+            (NBD_CMD_BLOCK_STATUS, 4096, 12 << 30)
+        );
+        let z = NBD_STATE_HOLE | NBD_STATE_ZERO;
+        p.block_status_ext(
+            r.cookie,
+            NBD_REPLY_FLAG_DONE,
+            1,
+            &[(5 << 30, z), (3 << 30, 0), (8 << 30, z)],
+        )?;
+        p.drain();
+        Ok(())
+    });
+    let mut c = Client::handshake(t, "", "t").unwrap();
+    let z = NBD_STATE_HOLE | NBD_STATE_ZERO;
+    assert_eq!(
+        c.block_status(4096, 12 << 30).unwrap(),
+        vec![(5 << 30, z), (3 << 30, 0), (4 << 30, z)]
+    );
+    drop(c);
+    server.join().unwrap().unwrap();
+}
