@@ -132,3 +132,59 @@ fn nbdkit_without_extended_headers_falls_back_to_structured_replies() {
         done.stderr
     );
 }
+
+#[test]
+fn qemu_nbd_zeroes_and_describes_more_than_4_gib_in_one_request_each() {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = tmp();
+    let size = 12u64 << 30;
+    let img = dir.path().join("big.img");
+    let mut f = File::create(&img).unwrap();
+    f.set_len(size).unwrap();
+    for at in [0, 5 << 30, size - (1 << 20)] {
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&[0xee; 1 << 20]).unwrap();
+    }
+    drop(f);
+    let server = Server::qemu_nbd(&["--trace", REQUESTS_TRACE, "-f", "raw", s(&img)]);
+    let uri = nbd::NbdUri::parse(&server.uri()).unwrap();
+    let mut c = nbd::Client::connect(&uri, &nbd::ClientOptions::default()).unwrap();
+    assert!(c.negotiated().extended_headers);
+    assert!(c.max_request_without_payload() > size);
+    // One block status request for the whole 12 GiB.
+    let extents = c.block_status(0, size).unwrap();
+    assert_eq!(
+        extents.iter().map(|e| e.0).sum::<u64>(),
+        size,
+        "{extents:?}"
+    );
+    assert!(extents.len() >= 5, "{extents:?}");
+    // One zero request for all of it.
+    c.write_many(
+        [nbd::WriteCmd::WriteZeroes {
+            offset: 0,
+            length: size,
+            no_hole: false,
+            fast_zero: false,
+        }],
+        4,
+        1 << 20,
+    )
+    .unwrap();
+    c.flush().unwrap();
+    let zero = nbd::wire::NBD_STATE_ZERO;
+    let extents = c.block_status(0, size).unwrap();
+    assert!(extents.iter().all(|e| e.1 & zero != 0), "{extents:?}");
+    c.disconnect().unwrap();
+    let trace = server.stderr_text();
+    assert_eq!(trace.matches("(block status)").count(), 2, "{trace}");
+    assert_eq!(trace.matches("(write zeroes)").count(), 1, "{trace}");
+    let mut bytes = vec![0u8; 1 << 20];
+    let mut f = File::open(&img).unwrap();
+    for at in [0, 5 << 30, size - (1 << 20)] {
+        use std::io::Read;
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut bytes).unwrap();
+        assert!(bytes.iter().all(|&b| b == 0), "offset {at}");
+    }
+}

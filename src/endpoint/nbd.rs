@@ -245,7 +245,7 @@ impl NbdEndpoint {
         refused
             && long_zero
             && e.operation() == Some(nbd::Operation::Zero)
-            && self.client.max_request_without_payload() > self.client.max_payload()
+            && self.client.max_request_without_payload() > u64::from(self.client.max_payload())
             && !self.client.is_dead()
     }
 

@@ -171,7 +171,9 @@ struct SubRequest {
     command: u16,
     flags: u16,
     offset: u64,
-    length: u32,
+    /// At most the payload limit for a write; beyond 32 bits only for a
+    /// zero or trim with extended headers.
+    length: u64,
     /// Where the payload starts in the command's data.
     data_at: usize,
 }
@@ -182,7 +184,7 @@ impl SubRequest {
         command: u16,
         flags: u16,
         offset: u64,
-        length: u32,
+        length: u64,
         data_at: usize,
     ) -> Self {
         SubRequest {
@@ -282,7 +284,7 @@ pub struct Client {
     /// long as 32 bits hold: a 128 MiB hole is one request, not four of
     /// 32 MiB, as nbdcopy sends it. A server that refuses them gets
     /// [`Client::limit_requests_without_payload`].
-    max_effect: u32,
+    max_effect: u64,
     next_cookie: u64,
     /// Set once the connection can no longer be trusted.
     dead: Option<(ErrorKind, String)>,
@@ -347,6 +349,17 @@ impl Client {
     }
 
     fn new(transport: Transport, neg: Negotiated, name: &str) -> Client {
+        /// Longest zero or trim request: what the length field holds
+        /// (with extended headers, the largest signed 64-bit value, as
+        /// servers keep lengths in signed types), in whole minimum blocks.
+        fn max_effect(extended: bool, minimum: u32) -> u64 {
+            let field = if extended {
+                i64::MAX as u64
+            } else {
+                u64::from(u32::MAX)
+            };
+            field - field % u64::from(minimum)
+        }
         let given = neg.block_size.unwrap_or_default();
         let minimum = given.minimum.max(1);
         let mut maximum = given.maximum.min(MAX_REQUEST_SIZE);
@@ -367,7 +380,7 @@ impl Client {
                 maximum,
             },
             max_request,
-            max_effect: u32::MAX - u32::MAX % minimum,
+            max_effect: max_effect(neg.extended_headers, minimum),
             neg,
             next_cookie: 1,
             dead: None,
@@ -391,8 +404,9 @@ impl Client {
         self.max_request
     }
 
-    /// Largest zero or trim request this client sends.
-    pub fn max_request_without_payload(&self) -> u32 {
+    /// Largest zero or trim request this client sends: 32 bits' worth,
+    /// or far more with extended headers.
+    pub fn max_request_without_payload(&self) -> u64 {
         self.max_effect
     }
 
@@ -400,7 +414,7 @@ impl Client {
     /// too, for a server that refuses longer ones (with `EINVAL` or
     /// `EOVERFLOW`, as the specification allows).
     pub fn limit_requests_without_payload(&mut self) {
-        self.max_effect = self.max_request;
+        self.max_effect = self.max_request.into();
     }
 
     /// Export size in bytes.
@@ -556,12 +570,12 @@ impl Client {
                 .iter()
                 .filter(|s| s.busy)
                 .min_by_key(|s| s.cookie)
-                .map(|s| (s.op, s.offset, s.length))
+                .map(|s| (s.op, s.offset, s.effect))
         } else {
             None
         };
         let e = match oldest {
-            Some((op, offset, length)) => Error::io(op, e).at(offset, length.into()),
+            Some((op, offset, length)) => Error::io(op, e).at(offset, length),
             None => Error::io(op, e),
         };
         self.kill(e)
@@ -770,7 +784,7 @@ impl Client {
         if s.command == NBD_CMD_FLUSH {
             e
         } else {
-            e.at(s.offset, s.length.into())
+            e.at(s.offset, s.effect)
         }
     }
 
@@ -1054,10 +1068,10 @@ impl Client {
         };
         if let Some(at) = ec.offset {
             let s = &self.slots[si];
-            if at < s.offset || at - s.offset >= u64::from(s.length) {
+            if at < s.offset || at - s.offset >= s.effect {
                 let msg = format!(
                     "server reported an error at offset {at}, outside the request (offset {} length {})",
-                    s.offset, s.length
+                    s.offset, s.effect
                 );
                 return Err(self.protocol(op, msg));
             }
@@ -1267,7 +1281,7 @@ impl Client {
         let left = total - done;
         let r = match *cmd {
             WriteCmd::Write { .. } => {
-                let n = left.min(max) as u32;
+                let n = left.min(max);
                 SubRequest::new(op, NBD_CMD_WRITE, 0, at, n, done as usize)
             }
             WriteCmd::WriteZeroes {
@@ -1286,10 +1300,10 @@ impl Client {
                     if fast_zero {
                         flags |= NBD_CMD_FLAG_FAST_ZERO;
                     }
-                    let n = left.min(u64::from(self.max_effect)) as u32;
+                    let n = left.min(self.max_effect);
                     SubRequest::new(op, NBD_CMD_WRITE_ZEROES, flags, at, n, 0)
                 } else {
-                    let n = left.min(max).min(ZERO_BUF_LEN as u64) as u32;
+                    let n = left.min(max).min(ZERO_BUF_LEN as u64);
                     SubRequest::new(op, NBD_CMD_WRITE, 0, at, n, 0)
                 }
             }
@@ -1299,18 +1313,18 @@ impl Client {
                         .error(ErrorKind::Unsupported, op, "server does not support trim")
                         .at(at, left));
                 }
-                let n = left.min(u64::from(self.max_effect)) as u32;
+                let n = left.min(self.max_effect);
                 SubRequest::new(op, NBD_CMD_TRIM, 0, at, n, 0)
             }
         };
         Ok(Some(r))
     }
 
-    fn overlaps_in_flight(&self, offset: u64, length: u32) -> bool {
-        let end = offset.saturating_add(length.into());
+    fn overlaps_in_flight(&self, offset: u64, length: u64) -> bool {
+        let end = offset.saturating_add(length);
         self.slots
             .iter()
-            .any(|s| s.busy && s.offset < end && offset < s.offset.saturating_add(s.length.into()))
+            .any(|s| s.busy && s.offset < end && offset < s.offset.saturating_add(s.effect))
     }
 
     /// Perform `ops` with up to `max_in_flight` requests and
@@ -1415,19 +1429,9 @@ impl Client {
                 if self.in_flight > 0 && self.overlaps_in_flight(offset, length) {
                     break;
                 }
-                self.send(
-                    op,
-                    command,
-                    flags,
-                    offset,
-                    length.into(),
-                    payload,
-                    lend,
-                    0,
-                    0,
-                )?;
+                self.send(op, command, flags, offset, length, payload, lend, 0, 0)?;
                 self.write_bytes_in_flight += counted;
-                current = Some((cmd, done + u64::from(length)));
+                current = Some((cmd, done + length));
             }
             // The loop above only stops with nothing in flight when the
             // commands are all sent or one failed.

@@ -1041,3 +1041,53 @@ fn extended_block_status_covers_more_than_4_gib_in_one_request() {
     drop(c);
     server.join().unwrap().unwrap();
 }
+
+#[test]
+fn extended_zero_and_trim_requests_cover_more_than_4_gib() {
+    let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_TRIM;
+    let (t, server) = scripted(move |p| {
+        p.serve_go(&Export::new(32 << 30).flags(flags).context(1).extended())?;
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let mut h = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+            p.stream().read_exact(&mut h)?;
+            let (r, len) = decode_extended_request(&h).unwrap();
+            seen.push((r.command, r.offset, len));
+        }
+        // Both were sent before either was answered: they do not overlap.
+        p.done(1)?;
+        p.done(2)?;
+        assert_eq!(
+            seen,
+            vec![
+                (NBD_CMD_WRITE_ZEROES, 4096, 12 << 30),
+                (NBD_CMD_TRIM, 16 << 30, 6 << 30)
+            ]
+        );
+        p.drain();
+        Ok(())
+    });
+    let mut c = Client::handshake(t, "", "t").unwrap();
+    assert!(c.max_request_without_payload() > 1 << 40);
+    c.write_many(
+        [
+            WriteCmd::WriteZeroes {
+                offset: 4096,
+                length: 12 << 30,
+                no_hole: false,
+                fast_zero: false,
+            },
+            WriteCmd::Trim {
+                offset: 16 << 30,
+                length: 6 << 30,
+            },
+        ],
+        4,
+        1 << 20,
+    )
+    .unwrap();
+    c.limit_requests_without_payload();
+    assert_eq!(c.max_request_without_payload(), u64::from(c.max_payload()));
+    drop(c);
+    server.join().unwrap().unwrap();
+}
