@@ -188,3 +188,55 @@ fn qemu_nbd_zeroes_and_describes_more_than_4_gib_in_one_request_each() {
         assert!(bytes.iter().all(|&b| b == 0), "offset {at}");
     }
 }
+
+/// A mostly sparse 1 TiB qcow2 image is described in a few dozen block
+/// status requests (one per 64 GiB looked ahead, per connection), not one
+/// per 128 MiB segment (8192), and copied exactly.
+#[test]
+fn sparse_1_tib_qcow2_needs_few_block_status_requests() {
+    require("qemu-img");
+    require("qemu-io");
+    let dir = tmp();
+    let q = dir.path().join("big.qcow2");
+    let out = dir.path().join("out.raw");
+    let ok = |c: &mut std::process::Command| {
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    ok(std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", s(&q), "1T"]));
+    ok(std::process::Command::new("qemu-io").args([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x55 0 2M",
+        "-c",
+        "write -P 0x66 300G 2M",
+        "-c",
+        "write -P 0x77 1023G 1M",
+        s(&q),
+    ]));
+    let server = Server::qemu_nbd(&[
+        "--trace",
+        REQUESTS_TRACE,
+        "-f",
+        "qcow2",
+        "-r",
+        "-e",
+        "4",
+        s(&q),
+    ]);
+    Nbdcp::new(&[&server.uri(), s(&out)]).run().assert_ok();
+    ok(std::process::Command::new("qemu-img").args([
+        "compare",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        s(&q),
+        s(&out),
+    ]));
+    let trace = server.stderr_text();
+    let asked = trace.matches("(block status)").count();
+    assert!((16..200).contains(&asked), "{asked} block status requests");
+}
