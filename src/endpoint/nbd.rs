@@ -84,8 +84,8 @@ pub struct NbdEndpoint {
     /// Block status failures are reported once per connection.
     warned_extents: bool,
     /// Extents learnt ahead of the range asked for, contiguous, in order
-    /// (with extended headers one block status request looks
-    /// [`EXTENT_LOOKAHEAD`] ahead).
+    /// (with extended headers one block status request of a read-only
+    /// endpoint looks [`EXTENT_LOOKAHEAD`] ahead).
     lookahead: Vec<Extent>,
     /// Writes or zeroes were sent on this connection since its last
     /// successful flush.
@@ -367,6 +367,7 @@ impl Endpoint for NbdEndpoint {
 
     fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
         self.dirty = true;
+        self.lookahead.clear();
         let (r, q) = self.limits();
         let cmd = WriteCmd::Write {
             offset,
@@ -380,6 +381,7 @@ impl Endpoint for NbdEndpoint {
 
     fn zero(&mut self, offset: u64, length: u64, allocate: bool) -> Result<()> {
         self.dirty = true;
+        self.lookahead.clear();
         let (r, q) = self.limits();
         let cmd = WriteCmd::WriteZeroes {
             offset,
@@ -394,6 +396,7 @@ impl Endpoint for NbdEndpoint {
 
     fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
         self.dirty = true;
+        self.lookahead.clear();
         let (r, q) = self.limits();
         let send = |client: &mut Client| client.send_writes(ops.iter().map(Self::write_cmd), r, q);
         let mut result = send(&mut self.client);
@@ -469,7 +472,9 @@ impl Endpoint for NbdEndpoint {
         if !known.is_empty() {
             return Ok(known);
         }
-        let ask = if self.client.negotiated().extended_headers {
+        // Only a source looks ahead: a destination's extents (read back
+        // by --verify) change as any of its connections write.
+        let ask = if self.client.negotiated().extended_headers && !self.target.writable {
             len.max(EXTENT_LOOKAHEAD).min(size - offset)
         } else {
             len
@@ -812,6 +817,18 @@ mod tests {
             answers.push(got);
         }
         assert_eq!(answers[0], answers[1]);
+        // A writable endpoint (a destination read back) never looks ahead.
+        let server = Server::memory(1 << 20, |c| c.extended = true);
+        let mut ep = endpoint(&server, true).unwrap();
+        for seg in 0..4u64 {
+            ep.extents(seg << 17, 1 << 17).unwrap();
+        }
+        let asked = server
+            .requests()
+            .iter()
+            .filter(|r| r.command == nbd::wire::NBD_CMD_BLOCK_STATUS)
+            .count();
+        assert_eq!(asked, 4);
         assert_eq!(
             answers[1][0],
             vec![
