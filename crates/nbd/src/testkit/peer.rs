@@ -443,10 +443,11 @@ impl Peer {
 
     /// The handshake nbdcp's client does, checked step by step (panicking
     /// on any difference): fixed newstyle without zeroes,
-    /// `NBD_OPT_STRUCTURED_REPLY`, then (if `export` agrees to structured
-    /// replies) `NBD_OPT_SET_META_CONTEXT` for `base:allocation` of
-    /// `export`'s name, then `NBD_OPT_GO` for it asking for
-    /// `NBD_INFO_BLOCK_SIZE`; answered as `export` says.
+    /// `NBD_OPT_EXTENDED_HEADERS` (agreed if `export` says so), else
+    /// `NBD_OPT_STRUCTURED_REPLY`, then (with structured replies)
+    /// `NBD_OPT_SET_META_CONTEXT` for `base:allocation` of `export`'s
+    /// name, then `NBD_OPT_GO` for it asking for `NBD_INFO_BLOCK_SIZE`;
+    /// answered as `export` says.
     pub fn serve_go(&mut self, export: &Export) -> io::Result<()> {
         self.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)?;
         assert_eq!(
@@ -456,22 +457,23 @@ impl Peer {
         self.see_extended = true;
         let (opt, data) = self.option()?;
         assert_eq!((opt, data.len()), (NBD_OPT_EXTENDED_HEADERS, 0));
-        let (opt, data) = if export.extended {
+        if export.extended {
+            // Extended headers imply structured replies: no
+            // NBD_OPT_STRUCTURED_REPLY follows.
             self.set_extended();
             self.ack(opt)?;
-            (opt, data)
         } else {
             self.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?;
-            self.option()?
-        };
-        if !export.extended {
+            let (opt, data) = self.option()?;
             assert_eq!((opt, data.len()), (NBD_OPT_STRUCTURED_REPLY, 0));
-        }
-        if export.structured {
-            self.structured = true;
-            if !export.extended {
+            if !export.structured {
+                self.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?;
+            } else {
+                self.structured = true;
                 self.ack(opt)?;
             }
+        }
+        if self.structured {
             let (opt, data) = self.option()?;
             assert_eq!(opt, NBD_OPT_SET_META_CONTEXT);
             let (name, queries) = decode_meta_context_payload(&data).unwrap();
@@ -482,8 +484,6 @@ impl Peer {
                 self.meta_context(opt, id, BASE_ALLOCATION)?;
             }
             self.ack(opt)?;
-        } else {
-            self.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?;
         }
         let (opt, data) = self.option()?;
         assert_eq!(opt, NBD_OPT_GO);
