@@ -123,7 +123,11 @@ pub fn wire_decoders(data: &[u8]) {
     let r = reply_header_len(data);
     show(&r);
     if let Ok(n) = r {
-        assert!(n == SIMPLE_REPLY_LEN || n == STRUCTURED_REPLY_HEADER_LEN);
+        assert!(
+            n == SIMPLE_REPLY_LEN
+                || n == STRUCTURED_REPLY_HEADER_LEN
+                || n == EXTENDED_REPLY_HEADER_LEN
+        );
     }
     let r = ChunkHeader::decode(data);
     show(&r);
@@ -132,6 +136,28 @@ pub fn wire_decoders(data: &[u8]) {
         assert!(check_chunk_length(h.chunk_type, h.length).is_ok());
         assert!(h.length <= MAX_DATA_PAYLOAD.max(MAX_BLOCK_STATUS_PAYLOAD));
     }
+    let r = ExtendedChunkHeader::decode(data);
+    show(&r);
+    if let Ok(h) = r {
+        assert_eq!(h.encode()[..], data[..EXTENDED_REPLY_HEADER_LEN]);
+        assert!(check_extended_chunk_length(h.chunk_type, h.length.into()).is_ok());
+        assert!(h.length <= MAX_DATA_PAYLOAD.max(MAX_BLOCK_STATUS_EXT_PAYLOAD));
+    }
+    let r = decode_extended_request(data);
+    show(&r);
+    if let Ok((r, len)) = r
+        && let Ok(l) = u32::try_from(len)
+    {
+        assert_eq!(r.length, l);
+        assert_eq!(r.encode_extended()[..], data[..EXTENDED_REQUEST_HEADER_LEN]);
+    }
+    let r = ExtendedBlockDescriptor::decode(data);
+    show(&r);
+    if let Ok(d) = r {
+        assert_eq!(d.encode()[..], data[..EXTENDED_BLOCK_DESCRIPTOR_LEN]);
+        assert_ne!(d.length, 0);
+    }
+    let _ = decode_block_status_ext_prefix(data, data.len() as u32);
     let _ = decode_offset_data_prefix(data);
     let r = OffsetHole::decode(data);
     show(&r);
@@ -370,6 +396,8 @@ impl RepliesConfig {
     pub fn handshake_script(&self) -> Vec<u8> {
         let mut b =
             Greeting::encode_newstyle(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES).to_vec();
+        // Compact headers: the replies that follow are scripted with them.
+        option_reply(&mut b, NBD_OPT_EXTENDED_HEADERS, NBD_REP_ERR_UNSUP, &[]);
         let opt = NBD_OPT_STRUCTURED_REPLY;
         if self.structured {
             option_reply(&mut b, opt, NBD_REP_ACK, &[]);

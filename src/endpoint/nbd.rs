@@ -83,6 +83,10 @@ pub struct NbdEndpoint {
     interrupt: Arc<Mutex<InterruptSlot>>,
     /// Block status failures are reported once per connection.
     warned_extents: bool,
+    /// Extents learnt ahead of the range asked for, contiguous, in order
+    /// (with extended headers one block status request of a read-only
+    /// endpoint looks [`EXTENT_LOOKAHEAD`] ahead).
+    lookahead: Vec<Extent>,
     /// Writes or zeroes were sent on this connection since its last
     /// successful flush.
     dirty: bool,
@@ -170,6 +174,7 @@ impl NbdEndpoint {
             target,
             interrupt: Arc::new(Mutex::new(interrupt)),
             warned_extents: false,
+            lookahead: Vec::new(),
             dirty: false,
             handshake_time: started.elapsed(),
         })
@@ -245,7 +250,7 @@ impl NbdEndpoint {
         refused
             && long_zero
             && e.operation() == Some(nbd::Operation::Zero)
-            && self.client.max_request_without_payload() > self.client.max_payload()
+            && self.client.max_request_without_payload() > u64::from(self.client.max_payload())
             && !self.client.is_dead()
     }
 
@@ -362,6 +367,7 @@ impl Endpoint for NbdEndpoint {
 
     fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
         self.dirty = true;
+        self.lookahead.clear();
         let (r, q) = self.limits();
         let cmd = WriteCmd::Write {
             offset,
@@ -375,6 +381,7 @@ impl Endpoint for NbdEndpoint {
 
     fn zero(&mut self, offset: u64, length: u64, allocate: bool) -> Result<()> {
         self.dirty = true;
+        self.lookahead.clear();
         let (r, q) = self.limits();
         let cmd = WriteCmd::WriteZeroes {
             offset,
@@ -389,6 +396,7 @@ impl Endpoint for NbdEndpoint {
 
     fn write_batch(&mut self, ops: &[WriteOp<'_>]) -> Result<()> {
         self.dirty = true;
+        self.lookahead.clear();
         let (r, q) = self.limits();
         let send = |client: &mut Client| client.send_writes(ops.iter().map(Self::write_cmd), r, q);
         let mut result = send(&mut self.client);
@@ -460,13 +468,30 @@ impl Endpoint for NbdEndpoint {
             return Ok(all_data());
         }
         let len = length.min(size - offset);
-        match self.client.block_status(offset, len) {
+        let known = clip_extents(&self.lookahead, offset, offset + len);
+        if !known.is_empty() {
+            return Ok(known);
+        }
+        // Only a source looks ahead: a destination's extents (read back
+        // by --verify) change as any of its connections write.
+        let ask = if self.client.negotiated().extended_headers && !self.target.writable {
+            len.max(EXTENT_LOOKAHEAD).min(size - offset)
+        } else {
+            len
+        };
+        self.lookahead.clear();
+        match self.client.block_status(offset, ask) {
             Ok(list) => {
                 let out = merge_extents(offset, &list);
                 if out.is_empty() {
                     return Ok(all_data());
                 }
-                Ok(out)
+                if ask == len {
+                    return Ok(out);
+                }
+                let wanted = clip_extents(&out, offset, offset + len);
+                self.lookahead = out;
+                Ok(wanted)
             }
             // The server could not tell: copying everything is slower but
             // still right, so this is not worth failing the copy over.
@@ -566,6 +591,31 @@ impl Endpoint for NbdEndpoint {
 
 /// Turn `base:allocation` answers (length, flags) from `offset` on into
 /// extents, neighbours of the same kind merged.
+/// How far past the range asked for one block status request looks when
+/// extended headers lift the 4 GiB limit: a mostly sparse image is then
+/// described in a few requests instead of one per segment.
+const EXTENT_LOOKAHEAD: u64 = 64 << 30;
+
+/// The part of `extents` (contiguous, in order) inside `[offset, end)`,
+/// clipped to it; empty if `offset` is not covered. It may end before
+/// `end`, where `extents` do.
+fn clip_extents(extents: &[Extent], offset: u64, end: u64) -> Vec<Extent> {
+    extents
+        .iter()
+        .filter(|e| e.offset < end && offset < e.offset + e.length)
+        .map(|e| {
+            let from = e.offset.max(offset);
+            let to = (e.offset + e.length).min(end);
+            Extent {
+                offset: from,
+                length: to - from,
+                kind: e.kind,
+            }
+        })
+        .skip_while(|e| e.offset != offset)
+        .collect()
+}
+
 fn merge_extents(offset: u64, list: &[(u64, u32)]) -> Vec<Extent> {
     let mut out: Vec<Extent> = Vec::with_capacity(list.len());
     let mut at = offset;
@@ -736,6 +786,74 @@ mod tests {
                 kind: ExtentKind::Data
             }]
         );
+    }
+
+    #[test]
+    fn extended_headers_look_ahead_for_extents() {
+        let z = ExtentKind::Zero;
+        let d = ExtentKind::Data;
+        let e = |offset, length, kind| Extent {
+            offset,
+            length,
+            kind,
+        };
+        let mut answers = Vec::new();
+        for extended in [false, true] {
+            let server = Server::memory(1 << 20, |c| c.extended = extended);
+            server.fill(8192, &[1u8; 4096]);
+            server.fill(300_000, &[1u8; 1]);
+            let mut ep = endpoint(&server, false).unwrap();
+            assert_eq!(ep.client().negotiated().extended_headers, extended);
+            let mut got = Vec::new();
+            for seg in 0..8u64 {
+                got.push(ep.extents(seg << 17, 1 << 17).unwrap());
+            }
+            let asked = server
+                .requests()
+                .iter()
+                .filter(|r| r.command == nbd::wire::NBD_CMD_BLOCK_STATUS)
+                .count();
+            assert_eq!(asked, if extended { 1 } else { 8 });
+            answers.push(got);
+        }
+        assert_eq!(answers[0], answers[1]);
+        // A writable endpoint (a destination read back) never looks ahead.
+        let server = Server::memory(1 << 20, |c| c.extended = true);
+        let mut ep = endpoint(&server, true).unwrap();
+        for seg in 0..4u64 {
+            ep.extents(seg << 17, 1 << 17).unwrap();
+        }
+        let asked = server
+            .requests()
+            .iter()
+            .filter(|r| r.command == nbd::wire::NBD_CMD_BLOCK_STATUS)
+            .count();
+        assert_eq!(asked, 4);
+        assert_eq!(
+            answers[1][0],
+            vec![
+                e(0, 8192, z),
+                e(8192, 4096, d),
+                e(12288, (1 << 17) - 12288, z)
+            ]
+        );
+        assert_eq!(
+            answers[1][2],
+            vec![
+                e(1 << 18, 36_864, z),
+                e(299_008, 4096, d),
+                e(303_104, 90_112, z)
+            ]
+        );
+        // Clipping keeps only what starts at the offset asked for.
+        let list = [e(0, 100, z), e(100, 50, d)];
+        assert_eq!(clip_extents(&list, 120, 1000), vec![e(120, 30, d)]);
+        assert_eq!(
+            clip_extents(&list, 50, 120),
+            vec![e(50, 50, z), e(100, 20, d)]
+        );
+        assert!(clip_extents(&list, 150, 200).is_empty());
+        assert!(clip_extents(&[], 0, 10).is_empty());
     }
 
     #[test]

@@ -124,7 +124,12 @@ struct Slot {
     command: u16,
     op: Operation,
     offset: u64,
+    /// The request's length, saturated to 32 bits (a payload's length
+    /// always fits).
     length: u32,
+    /// The request's whole length, beyond 32 bits only for a block status
+    /// request with extended headers.
+    effect: u64,
     /// Index of the caller's read request this fills.
     target: usize,
     /// Where this (possibly split) request starts in that buffer.
@@ -149,6 +154,7 @@ impl Default for Slot {
             op: Operation::Reply,
             offset: 0,
             length: 0,
+            effect: 0,
             target: 0,
             buf_start: 0,
             covered: Vec::new(),
@@ -165,7 +171,9 @@ struct SubRequest {
     command: u16,
     flags: u16,
     offset: u64,
-    length: u32,
+    /// At most the payload limit for a write; beyond 32 bits only for a
+    /// zero or trim with extended headers.
+    length: u64,
     /// Where the payload starts in the command's data.
     data_at: usize,
 }
@@ -176,7 +184,7 @@ impl SubRequest {
         command: u16,
         flags: u16,
         offset: u64,
-        length: u32,
+        length: u64,
         data_at: usize,
     ) -> Self {
         SubRequest {
@@ -276,7 +284,7 @@ pub struct Client {
     /// long as 32 bits hold: a 128 MiB hole is one request, not four of
     /// 32 MiB, as nbdcopy sends it. A server that refuses them gets
     /// [`Client::limit_requests_without_payload`].
-    max_effect: u32,
+    max_effect: u64,
     next_cookie: u64,
     /// Set once the connection can no longer be trusted.
     dead: Option<(ErrorKind, String)>,
@@ -341,6 +349,17 @@ impl Client {
     }
 
     fn new(transport: Transport, neg: Negotiated, name: &str) -> Client {
+        /// Longest zero or trim request: what the length field holds
+        /// (with extended headers, the largest signed 64-bit value, as
+        /// servers keep lengths in signed types), in whole minimum blocks.
+        fn max_effect(extended: bool, minimum: u32) -> u64 {
+            let field = if extended {
+                i64::MAX as u64
+            } else {
+                u64::from(u32::MAX)
+            };
+            field - field % u64::from(minimum)
+        }
         let given = neg.block_size.unwrap_or_default();
         let minimum = given.minimum.max(1);
         let mut maximum = given.maximum.min(MAX_REQUEST_SIZE);
@@ -361,7 +380,7 @@ impl Client {
                 maximum,
             },
             max_request,
-            max_effect: u32::MAX - u32::MAX % minimum,
+            max_effect: max_effect(neg.extended_headers, minimum),
             neg,
             next_cookie: 1,
             dead: None,
@@ -385,8 +404,9 @@ impl Client {
         self.max_request
     }
 
-    /// Largest zero or trim request this client sends.
-    pub fn max_request_without_payload(&self) -> u32 {
+    /// Largest zero or trim request this client sends: 32 bits' worth,
+    /// or far more with extended headers.
+    pub fn max_request_without_payload(&self) -> u64 {
         self.max_effect
     }
 
@@ -394,7 +414,7 @@ impl Client {
     /// too, for a server that refuses longer ones (with `EINVAL` or
     /// `EOVERFLOW`, as the specification allows).
     pub fn limit_requests_without_payload(&mut self) {
-        self.max_effect = self.max_request;
+        self.max_effect = self.max_request.into();
     }
 
     /// Export size in bytes.
@@ -551,12 +571,12 @@ impl Client {
                 .iter()
                 .filter(|s| s.busy)
                 .min_by_key(|s| s.cookie)
-                .map(|s| (s.op, s.offset, s.length))
+                .map(|s| (s.op, s.offset, s.effect))
         } else {
             None
         };
         let e = match oldest {
-            Some((op, offset, length)) => Error::io(op, e).at(offset, length.into()),
+            Some((op, offset, length)) => Error::io(op, e).at(offset, length),
             None => Error::io(op, e),
         };
         self.kill(e)
@@ -623,6 +643,29 @@ impl Client {
         }
     }
 
+    /// The request header as negotiated: compact, or extended (32 bytes,
+    /// 64-bit length) after `NBD_OPT_EXTENDED_HEADERS`.
+    fn encode_request(&self, r: &Request) -> ([u8; EXTENDED_REQUEST_HEADER_LEN], usize) {
+        self.encode_wide_request(r, r.length.into())
+    }
+
+    /// [`Client::encode_request`] with a length of up to 64 bits, which
+    /// only an extended header carries (the caller sees to that).
+    fn encode_wide_request(
+        &self,
+        r: &Request,
+        length: u64,
+    ) -> ([u8; EXTENDED_REQUEST_HEADER_LEN], usize) {
+        if self.neg.extended_headers {
+            let b = encode_extended_request(r.flags, r.command, r.cookie, r.offset, length);
+            (b, EXTENDED_REQUEST_HEADER_LEN)
+        } else {
+            let mut b = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+            b[..REQUEST_HEADER_LEN].copy_from_slice(&r.encode());
+            (b, REQUEST_HEADER_LEN)
+        }
+    }
+
     /// Send one request (and its payload) and record it in flight.
     #[allow(clippy::too_many_arguments)]
     fn send(
@@ -631,23 +674,31 @@ impl Client {
         command: u16,
         flags: u16,
         offset: u64,
-        length: u32,
+        effect: u64,
         payload: &[u8],
         lend: bool,
         target: usize,
         buf_start: usize,
     ) -> Result<()> {
+        let length = u32::try_from(effect).unwrap_or(u32::MAX);
+        if u64::from(length) != effect && !self.neg.extended_headers {
+            return Err(self.error(
+                ErrorKind::InvalidInput,
+                op,
+                "internal error: request longer than 32 bits without extended headers",
+            ));
+        }
         let cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1);
-        let header = Request {
+        let r = Request {
             flags,
             command,
             cookie,
             offset,
             length,
-        }
-        .encode();
-        if let Err(e) = self.send_bytes(&header, payload, lend) {
+        };
+        let (header, hlen) = self.encode_wide_request(&r, effect);
+        if let Err(e) = self.send_bytes(&header[..hlen], payload, lend) {
             return Err(self.io_error(op, e));
         }
         let i = self.free_slot();
@@ -658,6 +709,7 @@ impl Client {
         s.op = op;
         s.offset = offset;
         s.length = length;
+        s.effect = effect;
         s.target = target;
         s.buf_start = buf_start;
         s.covered.clear();
@@ -733,7 +785,7 @@ impl Client {
         if s.command == NBD_CMD_FLUSH {
             e
         } else {
-            e.at(s.offset, s.length.into())
+            e.at(s.offset, s.effect)
         }
     }
 
@@ -793,7 +845,30 @@ impl Client {
             Ok(n) => n,
             Err(e) => return Err(self.protocol(Operation::Reply, e.to_string())),
         };
+        // Extended headers replace both other kinds of reply, and only
+        // they may use the extended magic.
+        if self.neg.extended_headers != (hlen == EXTENDED_REPLY_HEADER_LEN) {
+            let msg = if self.neg.extended_headers {
+                "server sent a compact reply header after negotiating extended headers"
+            } else {
+                "server sent an extended reply header without negotiating extended headers"
+            };
+            return Err(self.protocol(Operation::Reply, msg));
+        }
         self.read_exact(Operation::Reply, &mut h[4..hlen])?;
+        if hlen == EXTENDED_REPLY_HEADER_LEN {
+            let c = match ExtendedChunkHeader::decode(&h[..hlen]) {
+                Ok(c) => c.chunk(),
+                Err(e) => return Err(self.protocol(Operation::Reply, e.to_string())),
+            };
+            let si = self.find_slot(c.cookie)?;
+            self.chunk(si, &c, reads)?;
+            return if c.is_done() {
+                self.complete(si).map(Some)
+            } else {
+                Ok(None)
+            };
+        }
         if hlen == SIMPLE_REPLY_LEN {
             let r = match SimpleReply::decode(&h[..hlen]) {
                 Ok(r) => r,
@@ -954,6 +1029,20 @@ impl Client {
                 }
                 self.block_status_chunk(si, c.length)?;
             }
+            NBD_REPLY_TYPE_BLOCK_STATUS_EXT => {
+                // The extended header decoder is the only one to let
+                // this type through.
+                if command != NBD_CMD_BLOCK_STATUS {
+                    return Err(self.protocol(
+                        op,
+                        format!(
+                            "server sent block status in reply to {}",
+                            command_name(command)
+                        ),
+                    ));
+                }
+                self.block_status_ext_chunk(si, c.length)?;
+            }
             t if t & NBD_REPLY_TYPE_ERROR_BIT != 0 => self.error_chunk(si, t, c.length)?,
             t => {
                 // The header decoder refuses unknown non-error types, but
@@ -980,10 +1069,10 @@ impl Client {
         };
         if let Some(at) = ec.offset {
             let s = &self.slots[si];
-            if at < s.offset || at - s.offset >= u64::from(s.length) {
+            if at < s.offset || at - s.offset >= s.effect {
                 let msg = format!(
                     "server reported an error at offset {at}, outside the request (offset {} length {})",
-                    s.offset, s.length
+                    s.offset, s.effect
                 );
                 return Err(self.protocol(op, msg));
             }
@@ -1016,7 +1105,7 @@ impl Client {
             ));
         }
         self.slots[si].got_status = true;
-        let req_len = u64::from(self.slots[si].length);
+        let req_len = self.slots[si].effect;
         self.extents.clear();
         let mut total = 0u64;
         let mut buf = [0u8; 512 * BLOCK_DESCRIPTOR_LEN];
@@ -1038,6 +1127,56 @@ impl Client {
                 let len = u64::from(d.length).min(req_len - total);
                 self.extents.push((len, d.flags));
                 total += u64::from(d.length);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Client::block_status_chunk`] for `BLOCK_STATUS_EXT`: 64-bit
+    /// extent lengths and flags, of which `base:allocation` uses the low
+    /// 32 bits.
+    fn block_status_ext_chunk(&mut self, si: usize, length: u32) -> Result<()> {
+        let op = self.slots[si].op;
+        let mut pre = [0u8; 8];
+        self.read_exact(op, &mut pre)?;
+        let (id, _count) = match decode_block_status_ext_prefix(&pre, length) {
+            Ok(p) => p,
+            Err(e) => return Err(self.protocol(op, e.to_string())),
+        };
+        // Bounded to MAX_BLOCK_STATUS_EXT_PAYLOAD by the header decoder.
+        let mut remaining = (length - 8) as usize;
+        if Some(id) != self.neg.base_allocation {
+            return self.skip(op, remaining);
+        }
+        if self.slots[si].got_status {
+            return Err(self.protocol(
+                op,
+                "server sent two block status chunks for base:allocation",
+            ));
+        }
+        self.slots[si].got_status = true;
+        let req_len = self.slots[si].effect;
+        self.extents.clear();
+        let mut total = 0u64;
+        let mut buf = [0u8; 256 * EXTENDED_BLOCK_DESCRIPTOR_LEN];
+        while remaining > 0 {
+            let k = remaining.min(buf.len());
+            self.read_exact(op, &mut buf[..k])?;
+            remaining -= k;
+            for d in buf[..k].chunks_exact(EXTENDED_BLOCK_DESCRIPTOR_LEN) {
+                let d = match ExtendedBlockDescriptor::decode(d) {
+                    Ok(d) => d,
+                    Err(e) => return Err(self.protocol(op, e.to_string())),
+                };
+                if total >= req_len {
+                    return Err(self.protocol(
+                        op,
+                        "server sent extents beyond the end of the block status request",
+                    ));
+                }
+                let len = d.length.min(req_len - total);
+                self.extents.push((len, d.flags as u32));
+                total = total.saturating_add(d.length);
             }
         }
         Ok(())
@@ -1097,7 +1236,7 @@ impl Client {
                     NBD_CMD_READ,
                     0,
                     at,
-                    len as u32,
+                    len as u64,
                     &[],
                     false,
                     idx,
@@ -1143,7 +1282,7 @@ impl Client {
         let left = total - done;
         let r = match *cmd {
             WriteCmd::Write { .. } => {
-                let n = left.min(max) as u32;
+                let n = left.min(max);
                 SubRequest::new(op, NBD_CMD_WRITE, 0, at, n, done as usize)
             }
             WriteCmd::WriteZeroes {
@@ -1162,10 +1301,10 @@ impl Client {
                     if fast_zero {
                         flags |= NBD_CMD_FLAG_FAST_ZERO;
                     }
-                    let n = left.min(u64::from(self.max_effect)) as u32;
+                    let n = left.min(self.max_effect);
                     SubRequest::new(op, NBD_CMD_WRITE_ZEROES, flags, at, n, 0)
                 } else {
-                    let n = left.min(max).min(ZERO_BUF_LEN as u64) as u32;
+                    let n = left.min(max).min(ZERO_BUF_LEN as u64);
                     SubRequest::new(op, NBD_CMD_WRITE, 0, at, n, 0)
                 }
             }
@@ -1175,18 +1314,18 @@ impl Client {
                         .error(ErrorKind::Unsupported, op, "server does not support trim")
                         .at(at, left));
                 }
-                let n = left.min(u64::from(self.max_effect)) as u32;
+                let n = left.min(self.max_effect);
                 SubRequest::new(op, NBD_CMD_TRIM, 0, at, n, 0)
             }
         };
         Ok(Some(r))
     }
 
-    fn overlaps_in_flight(&self, offset: u64, length: u32) -> bool {
-        let end = offset.saturating_add(length.into());
+    fn overlaps_in_flight(&self, offset: u64, length: u64) -> bool {
+        let end = offset.saturating_add(length);
         self.slots
             .iter()
-            .any(|s| s.busy && s.offset < end && offset < s.offset.saturating_add(s.length.into()))
+            .any(|s| s.busy && s.offset < end && offset < s.offset.saturating_add(s.effect))
     }
 
     /// Perform `ops` with up to `max_in_flight` requests and
@@ -1293,7 +1432,7 @@ impl Client {
                 }
                 self.send(op, command, flags, offset, length, payload, lend, 0, 0)?;
                 self.write_bytes_in_flight += counted;
-                current = Some((cmd, done + u64::from(length)));
+                current = Some((cmd, done + length));
             }
             // The loop above only stops with nothing in flight when the
             // commands are all sent or one failed.
@@ -1320,7 +1459,7 @@ impl Client {
         command: u16,
         flags: u16,
         offset: u64,
-        length: u32,
+        length: u64,
     ) -> Result<()> {
         self.check_alive(op)?;
         self.send(op, command, flags, offset, length, &[], false, 0, 0)?;
@@ -1366,8 +1505,9 @@ impl Client {
     /// `base:allocation` extents of `[offset, offset + length)`, as
     /// (length, `NBD_STATE_*` flags) pairs starting at `offset`. One
     /// request is sent, its length clamped to what 32 bits hold (rounded
-    /// to the minimum block size), so the list may end early; the last
-    /// extent is clipped to the request.
+    /// to the minimum block size) unless extended headers were negotiated,
+    /// which carry all of it; the list may end early, and the last extent
+    /// is clipped to the request.
     pub fn block_status(&mut self, offset: u64, length: u64) -> Result<Vec<(u64, u32)>> {
         const OP: Operation = Operation::BlockStatus;
         if self.neg.base_allocation.is_none() {
@@ -1381,8 +1521,12 @@ impl Client {
             return Ok(Vec::new());
         }
         let min = u64::from(self.block.minimum);
-        let cap = u64::from(u32::MAX) / min * min;
-        let len = length.min(cap) as u32;
+        let cap = if self.neg.extended_headers {
+            u64::MAX / min * min
+        } else {
+            u64::from(u32::MAX) / min * min
+        };
+        let len = length.min(cap);
         self.round_trip(OP, NBD_CMD_BLOCK_STATUS, 0, offset, len)?;
         Ok(std::mem::take(&mut self.extents))
     }
@@ -1393,16 +1537,15 @@ impl Client {
         if self.dead.is_some() {
             return Ok(());
         }
-        let header = Request {
+        let (header, hlen) = self.encode_request(&Request {
             flags: 0,
             command: NBD_CMD_DISC,
             cookie: self.next_cookie,
             offset: 0,
             length: 0,
-        }
-        .encode();
+        });
         let sock = self.reader.get_mut();
-        let sent = io::Write::write_all(sock, &header);
+        let sent = io::Write::write_all(sock, &header[..hlen]);
         if sent.is_ok() {
             sock.close_tls();
         }

@@ -3,8 +3,10 @@
 //! Order of business: greeting and client flags; for TLS,
 //! `NBD_OPT_STARTTLS` before any other option, after which the caller
 //! upgrades the stream and everything else goes through TLS
-//! ([`Handshake`]); `NBD_OPT_STRUCTURED_REPLY`
-//! (sparse reads and error messages); `NBD_OPT_SET_META_CONTEXT` for
+//! ([`Handshake`]); `NBD_OPT_EXTENDED_HEADERS` (64-bit request and
+//! reply headers, which imply structured replies), and when the server
+//! refuses it `NBD_OPT_STRUCTURED_REPLY` (sparse reads and error
+//! messages); `NBD_OPT_SET_META_CONTEXT` for
 //! `base:allocation` (only possible with structured replies);
 //! `NBD_OPT_GO` asking for block size constraints, falling back to
 //! `NBD_OPT_EXPORT_NAME` for servers that predate `NBD_OPT_GO`.
@@ -25,8 +27,12 @@ pub struct Negotiated {
     pub flags: u16,
     /// Block size constraints the server sent and that passed validation.
     pub block_size: Option<BlockSize>,
-    /// Structured replies were negotiated.
+    /// Structured replies were negotiated (extended headers imply them).
     pub structured_replies: bool,
+    /// Extended headers were negotiated: requests and replies use the
+    /// 32-byte headers with 64-bit lengths, and block status comes as
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`.
+    pub extended_headers: bool,
     /// Context id of `base:allocation`, if the server selected it.
     pub base_allocation: Option<u32>,
 }
@@ -272,6 +278,35 @@ impl<S: Read + Write> Negotiator<'_, S> {
             }
             t => Err(self.proto(format!(
                 "unexpected {} reply to NBD_OPT_STARTTLS",
+                option_reply_name(t)
+            ))),
+        }
+    }
+
+    /// Ask for extended headers; `false` (and the caller falls back to
+    /// structured replies) when the server refuses them in any
+    /// non-fatal way.
+    fn extended_headers(&mut self) -> Result<bool> {
+        self.send_option(NBD_OPT_EXTENDED_HEADERS, &[])?;
+        let (hdr, payload) = self.read_reply(NBD_OPT_EXTENDED_HEADERS)?;
+        match hdr.reply_type {
+            NBD_REP_ACK if payload.is_empty() => Ok(true),
+            NBD_REP_ACK => {
+                Err(self.proto("NBD_REP_ACK to NBD_OPT_EXTENDED_HEADERS with a payload"))
+            }
+            _ if hdr.is_error() => {
+                if let Some(e) = self.fatal_option_error(&hdr, &payload) {
+                    return Err(e);
+                }
+                log::debug!(
+                    "{}: no extended headers: {}",
+                    self.name,
+                    Self::describe_error(&hdr, &payload)
+                );
+                Ok(false)
+            }
+            t => Err(self.proto(format!(
+                "unexpected {} reply to NBD_OPT_EXTENDED_HEADERS",
                 option_reply_name(t)
             ))),
         }
@@ -550,7 +585,8 @@ impl<S: Read + Write> Negotiator<'_, S> {
     /// `base:allocation`, then the export.
     fn options(&mut self, no_zeroes: bool) -> Result<Negotiated> {
         let name = self.name;
-        let structured_replies = self.structured_replies()?;
+        let extended_headers = self.extended_headers()?;
+        let structured_replies = extended_headers || self.structured_replies()?;
         let base_allocation = if structured_replies {
             self.base_allocation()?
         } else {
@@ -573,13 +609,14 @@ impl<S: Read + Write> Negotiator<'_, S> {
             flags
         };
         log::debug!(
-            "{name}: export size {size}, flags {flags:#06x}, structured replies {structured_replies}, base:allocation {base_allocation:?}, block size {block_size:?}"
+            "{name}: export size {size}, flags {flags:#06x}, structured replies {structured_replies}, extended headers {extended_headers}, base:allocation {base_allocation:?}, block size {block_size:?}"
         );
         Ok(Negotiated {
             size,
             flags,
             block_size,
             structured_replies,
+            extended_headers,
             base_allocation,
         })
     }
@@ -799,9 +836,143 @@ mod tests {
                     maximum: 1 << 25
                 }),
                 structured_replies: true,
+                extended_headers: false,
                 base_allocation: Some(5),
             }
         );
+    }
+
+    /// SET_META_CONTEXT for `base:allocation` (context 4) and GO for a
+    /// 1 MiB export, after structured replies or extended headers.
+    fn meta_and_go(p: &mut Peer) -> io::Result<()> {
+        let (opt, _) = p.option()?;
+        assert_eq!(opt, NBD_OPT_SET_META_CONTEXT);
+        p.meta_context(opt, 4, BASE_ALLOCATION)?;
+        p.ack(opt)?;
+        let (opt, _) = p.option()?;
+        assert_eq!(opt, NBD_OPT_GO);
+        let info = Info::Export {
+            size: 1 << 20,
+            flags: NBD_FLAG_HAS_FLAGS,
+        };
+        p.info(opt, &info)?;
+        p.ack(opt)
+    }
+
+    #[test]
+    fn extended_headers_first_and_instead_of_structured_replies() {
+        let n = run("", |p| {
+            p.greet(MODERN)?;
+            p.client_flags()?;
+            p.see_extended_headers();
+            let (opt, data) = p.option()?;
+            assert_eq!((opt, data.len()), (NBD_OPT_EXTENDED_HEADERS, 0));
+            p.ack(opt)?;
+            // No NBD_OPT_STRUCTURED_REPLY: extended headers imply them.
+            meta_and_go(p)
+        })
+        .unwrap();
+        assert!(n.extended_headers);
+        assert!(n.structured_replies);
+        assert_eq!(n.base_allocation, Some(4));
+    }
+
+    #[test]
+    fn extended_headers_after_starttls() {
+        let n = run_tls("", |p| {
+            p.greet(MODERN)?;
+            p.client_flags()?;
+            p.see_extended_headers();
+            let (opt, _) = p.option()?;
+            assert_eq!(opt, NBD_OPT_STARTTLS);
+            p.ack(opt)?;
+            let (opt, _) = p.option()?;
+            assert_eq!(opt, NBD_OPT_EXTENDED_HEADERS);
+            p.ack(opt)?;
+            meta_and_go(p)
+        })
+        .unwrap();
+        assert!(n.extended_headers && n.structured_replies);
+    }
+
+    #[test]
+    fn refused_extended_headers_fall_back_to_structured_replies() {
+        for refusal in [
+            NBD_REP_ERR_UNSUP,
+            NBD_REP_ERR_POLICY,
+            NBD_REP_ERR_INVALID,
+            NBD_REP_ERR_PLATFORM,
+            NBD_REP_FLAG_ERROR | 77,
+        ] {
+            let n = run("", move |p| {
+                p.greet(MODERN)?;
+                p.client_flags()?;
+                p.see_extended_headers();
+                let (opt, _) = p.option()?;
+                assert_eq!(opt, NBD_OPT_EXTENDED_HEADERS);
+                p.option_reply(opt, refusal, b"not here")?;
+                let (opt, _) = p.option()?;
+                assert_eq!(opt, NBD_OPT_STRUCTURED_REPLY);
+                p.ack(opt)?;
+                meta_and_go(p)
+            })
+            .unwrap();
+            assert!(!n.extended_headers, "{refusal:#x}");
+            assert!(n.structured_replies, "{refusal:#x}");
+            assert_eq!(n.base_allocation, Some(4));
+        }
+        // Refused both: simple replies, no metadata context.
+        let n = run("", |p| {
+            p.greet(MODERN)?;
+            p.client_flags()?;
+            let (opt, _) = p.option()?;
+            assert_eq!(opt, NBD_OPT_STRUCTURED_REPLY);
+            p.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?;
+            let (opt, _) = p.option()?;
+            assert_eq!(opt, NBD_OPT_GO);
+            p.info(
+                opt,
+                &Info::Export {
+                    size: 1,
+                    flags: NBD_FLAG_HAS_FLAGS,
+                },
+            )?;
+            p.ack(opt)
+        })
+        .unwrap();
+        assert!(!n.extended_headers && !n.structured_replies);
+    }
+
+    #[test]
+    fn odd_replies_to_extended_headers() {
+        // An ACK with a payload, or a reply that is neither ACK nor error.
+        for (reply, payload) in [(NBD_REP_ACK, &b"x"[..]), (NBD_REP_SERVER, &[][..])] {
+            let e = run("", move |p| {
+                p.greet(MODERN)?;
+                p.client_flags()?;
+                p.see_extended_headers();
+                let (opt, _) = p.option()?;
+                p.option_reply(opt, reply, payload)?;
+                let _ = p.option();
+                Ok(())
+            })
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+            assert!(e.to_string().contains("NBD_OPT_EXTENDED_HEADERS"), "{e}");
+        }
+        // The server shutting down ends negotiation.
+        let e = run("", |p| {
+            p.greet(MODERN)?;
+            p.client_flags()?;
+            p.see_extended_headers();
+            let (opt, _) = p.option()?;
+            p.option_reply(opt, NBD_REP_ERR_SHUTDOWN, &[])?;
+            let (opt, _) = p.option()?;
+            assert_eq!(opt, NBD_OPT_ABORT);
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Server, "{e}");
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! | option reply payload | [`MAX_OPTION_REPLY_PAYLOAD`] (64 KiB) | strings are at most 4 KiB; INFO replies are 12 to 14 bytes |
 //! | `OFFSET_DATA` chunk | [`MAX_REQUEST_SIZE`] + 8 | the client never asks for more than 32 MiB, and data goes straight into the caller's buffer |
 //! | `BLOCK_STATUS` chunk | [`MAX_BLOCK_STATUS_PAYLOAD`] (8 MiB + 4) | one million extents, more than any server sends for one request |
+//! | `BLOCK_STATUS_EXT` chunk | [`MAX_BLOCK_STATUS_EXT_PAYLOAD`] (16 MiB + 8) | the same million extents, 16 bytes each |
+//! | any chunk with extended headers | the caps above | a 64-bit length is checked against them before anything is read |
 //! | error chunk | [`MAX_ERROR_PAYLOAD`] (64 KiB) | the message is at most 4 KiB |
 //! | string (export name, message) | [`MAX_STRING`] (4 KiB) | the protocol's own limit |
 
@@ -36,6 +38,11 @@ pub const NBD_REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const NBD_SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Prefix of a structured reply chunk.
 pub const NBD_STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Prefix of every transmission request once extended headers are
+/// negotiated.
+pub const NBD_EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Prefix of every reply chunk once extended headers are negotiated.
+pub const NBD_EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // ---------------------------------------------------------------------------
 // Handshake flags (server, 16 bits) and client flags (32 bits).
@@ -70,6 +77,9 @@ pub const NBD_OPT_STRUCTURED_REPLY: u32 = 8;
 pub const NBD_OPT_LIST_META_CONTEXT: u32 = 9;
 /// Select metadata contexts for `NBD_CMD_BLOCK_STATUS`.
 pub const NBD_OPT_SET_META_CONTEXT: u32 = 10;
+/// Ask for extended (64-bit) transmission headers, which imply structured
+/// replies.
+pub const NBD_OPT_EXTENDED_HEADERS: u32 = 11;
 
 // ---------------------------------------------------------------------------
 // Option reply types.
@@ -189,6 +199,8 @@ pub const NBD_REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const NBD_REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 /// Extents of one metadata context.
 pub const NBD_REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Extents of one metadata context with 64-bit lengths (extended headers).
+pub const NBD_REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 /// Bit set in every error chunk type.
 pub const NBD_REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
 /// Error without an offset.
@@ -243,8 +255,12 @@ pub const REQUEST_HEADER_LEN: usize = 28;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Length of a structured reply chunk header.
 pub const STRUCTURED_REPLY_HEADER_LEN: usize = 20;
-/// Longest reply header of either kind.
-pub const MAX_REPLY_HEADER_LEN: usize = STRUCTURED_REPLY_HEADER_LEN;
+/// Length of an extended request header.
+pub const EXTENDED_REQUEST_HEADER_LEN: usize = 32;
+/// Length of an extended reply chunk header.
+pub const EXTENDED_REPLY_HEADER_LEN: usize = 32;
+/// Longest reply header of any kind.
+pub const MAX_REPLY_HEADER_LEN: usize = EXTENDED_REPLY_HEADER_LEN;
 
 /// Longest string (export name, message) the protocol allows.
 pub const MAX_STRING: usize = 4096;
@@ -256,6 +272,8 @@ pub const MAX_REQUEST_SIZE: u32 = 32 * 1024 * 1024;
 pub const MAX_DATA_PAYLOAD: u32 = MAX_REQUEST_SIZE + 8;
 /// Largest `BLOCK_STATUS` chunk payload accepted (one million extents).
 pub const MAX_BLOCK_STATUS_PAYLOAD: u32 = 4 + 8 * 1024 * 1024;
+/// Largest `BLOCK_STATUS_EXT` chunk payload accepted (one million extents).
+pub const MAX_BLOCK_STATUS_EXT_PAYLOAD: u32 = 8 + 16 * 1024 * 1024;
 /// Largest error chunk payload accepted.
 pub const MAX_ERROR_PAYLOAD: u32 = 64 * 1024;
 
@@ -608,6 +626,7 @@ pub fn option_name(option: u32) -> &'static str {
         NBD_OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
         NBD_OPT_LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT",
         NBD_OPT_SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
+        NBD_OPT_EXTENDED_HEADERS => "NBD_OPT_EXTENDED_HEADERS",
         _ => "unknown option",
     }
 }
@@ -894,6 +913,60 @@ impl Request {
             length: be32(buf, 24),
         })
     }
+
+    /// Encode to the 32 bytes of an extended request header (after
+    /// `NBD_OPT_EXTENDED_HEADERS`), whose length field is 64 bits wide.
+    pub fn encode_extended(&self) -> [u8; EXTENDED_REQUEST_HEADER_LEN] {
+        encode_extended_request(
+            self.flags,
+            self.command,
+            self.cookie,
+            self.offset,
+            self.length.into(),
+        )
+    }
+}
+
+/// Encode an extended request header with a 64-bit `length` (for zero,
+/// trim and block status requests beyond 4 GiB).
+pub fn encode_extended_request(
+    flags: u16,
+    command: u16,
+    cookie: u64,
+    offset: u64,
+    length: u64,
+) -> [u8; EXTENDED_REQUEST_HEADER_LEN] {
+    let mut b = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+    b[0..4].copy_from_slice(&NBD_EXTENDED_REQUEST_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&command.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&offset.to_be_bytes());
+    b[24..32].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
+/// Decode an extended request header (for test servers): the request
+/// with its 64-bit length, which the caller bounds.
+pub fn decode_extended_request(buf: &[u8]) -> WireResult<(Request, u64)> {
+    need("extended request", buf, EXTENDED_REQUEST_HEADER_LEN)?;
+    let magic = be32(buf, 0);
+    if magic != NBD_EXTENDED_REQUEST_MAGIC {
+        return Err(WireError::BadMagic {
+            what: "extended request",
+            expected: NBD_EXTENDED_REQUEST_MAGIC.into(),
+            got: magic.into(),
+        });
+    }
+    let length = be64(buf, 24);
+    let r = Request {
+        flags: be16(buf, 4),
+        command: be16(buf, 6),
+        cookie: be64(buf, 8),
+        offset: be64(buf, 16),
+        length: u32::try_from(length).unwrap_or(u32::MAX),
+    };
+    Ok((r, length))
 }
 
 /// A simple reply (for reads without structured replies, the data follows).
@@ -990,6 +1063,194 @@ impl ChunkHeader {
     pub fn is_error(&self) -> bool {
         self.chunk_type & NBD_REPLY_TYPE_ERROR_BIT != 0
     }
+}
+
+/// An extended reply chunk header (after `NBD_OPT_EXTENDED_HEADERS`);
+/// `length` bytes of payload follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtendedChunkHeader {
+    /// `NBD_REPLY_FLAG_*`.
+    pub flags: u16,
+    /// `NBD_REPLY_TYPE_*`.
+    pub chunk_type: u16,
+    /// Cookie of the request answered.
+    pub cookie: u64,
+    /// Offset of the request answered (informational; not trusted).
+    pub offset: u64,
+    /// Payload length; bounded by the decoder, so it fits in 32 bits.
+    pub length: u32,
+}
+
+impl ExtendedChunkHeader {
+    /// Decode the 32 bytes of an extended chunk header, magic included.
+    /// The 64-bit payload length is checked against the chunk type and
+    /// the caps (see [`check_extended_chunk_length`]) before it is
+    /// narrowed, so the caller may read the payload safely.
+    pub fn decode(buf: &[u8]) -> WireResult<ExtendedChunkHeader> {
+        need("extended reply", buf, EXTENDED_REPLY_HEADER_LEN)?;
+        let magic = be32(buf, 0);
+        if magic != NBD_EXTENDED_REPLY_MAGIC {
+            return Err(WireError::BadMagic {
+                what: "extended reply",
+                expected: NBD_EXTENDED_REPLY_MAGIC.into(),
+                got: magic.into(),
+            });
+        }
+        let chunk_type = be16(buf, 6);
+        let length = check_extended_chunk_length(chunk_type, be64(buf, 24))?;
+        Ok(ExtendedChunkHeader {
+            flags: be16(buf, 4),
+            chunk_type,
+            cookie: be64(buf, 8),
+            offset: be64(buf, 16),
+            length,
+        })
+    }
+
+    /// Encode (for test servers).
+    pub fn encode(&self) -> [u8; EXTENDED_REPLY_HEADER_LEN] {
+        encode_extended_chunk_header(
+            self.flags,
+            self.chunk_type,
+            self.cookie,
+            self.offset,
+            self.length.into(),
+        )
+    }
+
+    /// The same chunk as a [`ChunkHeader`] (the payloads are alike).
+    pub fn chunk(&self) -> ChunkHeader {
+        ChunkHeader {
+            flags: self.flags,
+            chunk_type: self.chunk_type,
+            cookie: self.cookie,
+            length: self.length,
+        }
+    }
+}
+
+/// Encode an extended chunk header with any 64-bit `length` (for test
+/// servers, lying ones included).
+pub fn encode_extended_chunk_header(
+    flags: u16,
+    chunk_type: u16,
+    cookie: u64,
+    offset: u64,
+    length: u64,
+) -> [u8; EXTENDED_REPLY_HEADER_LEN] {
+    let mut b = [0u8; EXTENDED_REPLY_HEADER_LEN];
+    b[0..4].copy_from_slice(&NBD_EXTENDED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&chunk_type.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&offset.to_be_bytes());
+    b[24..32].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
+/// Check an extended chunk's 64-bit payload length against its type:
+/// `BLOCK_STATUS_EXT` is allowed and the 32-bit `BLOCK_STATUS` is not (a
+/// server using extended headers must send the wide form); every other
+/// type has the bounds of [`check_chunk_length`]. Returns the length,
+/// which then fits in 32 bits.
+pub fn check_extended_chunk_length(chunk_type: u16, length: u64) -> WireResult<u32> {
+    const WHAT: &str = "extended reply chunk";
+    let Ok(len) = u32::try_from(length) else {
+        return Err(WireError::TooLong {
+            what: WHAT,
+            length,
+            limit: u32::MAX.into(),
+        });
+    };
+    match chunk_type {
+        NBD_REPLY_TYPE_BLOCK_STATUS => Err(WireError::invalid(
+            WHAT,
+            "32-bit BLOCK_STATUS chunk with extended headers",
+        )),
+        NBD_REPLY_TYPE_BLOCK_STATUS_EXT if len < 24 || (len - 8) % 16 != 0 => Err(
+            WireError::invalid(WHAT, format!("BLOCK_STATUS_EXT chunk with length {len}")),
+        ),
+        NBD_REPLY_TYPE_BLOCK_STATUS_EXT if len > MAX_BLOCK_STATUS_EXT_PAYLOAD => {
+            Err(WireError::TooLong {
+                what: WHAT,
+                length,
+                limit: MAX_BLOCK_STATUS_EXT_PAYLOAD.into(),
+            })
+        }
+        NBD_REPLY_TYPE_BLOCK_STATUS_EXT => Ok(len),
+        t => check_chunk_length(t, len).map(|()| len),
+    }
+}
+
+/// One block status descriptor of a `BLOCK_STATUS_EXT` chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtendedBlockDescriptor {
+    /// Length of the extent; never zero.
+    pub length: u64,
+    /// Status flags (`NBD_STATE_*` for `base:allocation`).
+    pub flags: u64,
+}
+
+/// Size of one encoded [`ExtendedBlockDescriptor`].
+pub const EXTENDED_BLOCK_DESCRIPTOR_LEN: usize = 16;
+
+impl ExtendedBlockDescriptor {
+    /// Decode one 16-byte descriptor.
+    pub fn decode(buf: &[u8]) -> WireResult<ExtendedBlockDescriptor> {
+        need(
+            "extended block status descriptor",
+            buf,
+            EXTENDED_BLOCK_DESCRIPTOR_LEN,
+        )?;
+        let d = ExtendedBlockDescriptor {
+            length: be64(buf, 0),
+            flags: be64(buf, 8),
+        };
+        if d.length == 0 {
+            return Err(WireError::invalid(
+                "extended block status descriptor",
+                "zero-length extent",
+            ));
+        }
+        Ok(d)
+    }
+
+    /// Encode one descriptor.
+    pub fn encode(&self) -> [u8; EXTENDED_BLOCK_DESCRIPTOR_LEN] {
+        let mut b = [0u8; EXTENDED_BLOCK_DESCRIPTOR_LEN];
+        b[0..8].copy_from_slice(&self.length.to_be_bytes());
+        b[8..16].copy_from_slice(&self.flags.to_be_bytes());
+        b
+    }
+}
+
+/// The 8 bytes that start a `BLOCK_STATUS_EXT` payload: context id and
+/// descriptor count, the count checked against the payload `length`.
+pub fn decode_block_status_ext_prefix(buf: &[u8], length: u32) -> WireResult<(u32, u32)> {
+    const WHAT: &str = "BLOCK_STATUS_EXT chunk";
+    need(WHAT, buf, 8)?;
+    let (id, count) = (be32(buf, 0), be32(buf, 4));
+    if u64::from(count) * 16 + 8 != u64::from(length) {
+        return Err(WireError::invalid(
+            WHAT,
+            format!("{count} descriptors do not fill a payload of {length} bytes"),
+        ));
+    }
+    Ok((id, count))
+}
+
+/// Encode a `BLOCK_STATUS_EXT` payload (for test servers).
+pub fn encode_block_status_ext(
+    context_id: u32,
+    descriptors: &[ExtendedBlockDescriptor],
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + EXTENDED_BLOCK_DESCRIPTOR_LEN * descriptors.len());
+    b.extend_from_slice(&context_id.to_be_bytes());
+    b.extend_from_slice(&(descriptors.len() as u32).to_be_bytes());
+    for d in descriptors {
+        b.extend_from_slice(&d.encode());
+    }
+    b
 }
 
 /// Check a chunk's payload length against what its type allows, and
@@ -1225,6 +1486,7 @@ pub fn reply_header_len(magic: &[u8]) -> WireResult<usize> {
     match be32(magic, 0) {
         NBD_SIMPLE_REPLY_MAGIC => Ok(SIMPLE_REPLY_LEN),
         NBD_STRUCTURED_REPLY_MAGIC => Ok(STRUCTURED_REPLY_HEADER_LEN),
+        NBD_EXTENDED_REPLY_MAGIC => Ok(EXTENDED_REPLY_HEADER_LEN),
         got => Err(WireError::BadMagic {
             what: "reply",
             expected: NBD_STRUCTURED_REPLY_MAGIC.into(),
@@ -1673,6 +1935,158 @@ mod tests {
         );
         assert!(decode_block_status(&zero).is_err());
         assert!(truncated(BlockDescriptor::decode(&[0; 7])));
+    }
+
+    #[test]
+    fn extended_request_exact_bytes_and_round_trip() {
+        let b = encode_extended_request(
+            NBD_CMD_FLAG_FAST_ZERO,
+            NBD_CMD_WRITE_ZEROES,
+            0x1122_3344_5566_7788,
+            0x0000_0001_0000_0000,
+            0x0000_0002_0000_0400,
+        );
+        assert_eq!(
+            b,
+            [
+                0x21, 0xe4, 0x1c, 0x71, 0, 0x10, 0, 6, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77,
+                0x88, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 4, 0
+            ]
+        );
+        let (r, len) = decode_extended_request(&b).unwrap();
+        assert_eq!(len, 0x2_0000_0400);
+        assert_eq!(
+            (r.command, r.flags, r.cookie),
+            (6, 0x10, 0x1122_3344_5566_7788)
+        );
+        assert_eq!(r.offset, 1 << 32);
+        let small = Request {
+            flags: 0,
+            command: NBD_CMD_READ,
+            cookie: 3,
+            offset: 512,
+            length: 4096,
+        };
+        let e = small.encode_extended();
+        assert_eq!(&e[24..], &[0, 0, 0, 0, 0, 0, 0x10, 0]);
+        assert_eq!(decode_extended_request(&e).unwrap(), (small, 4096));
+        assert!(truncated(decode_extended_request(&e[..31])));
+        // A compact header is not an extended one.
+        assert!(bad_magic(decode_extended_request(
+            &[small.encode().as_slice(), &[0; 4]].concat()
+        )));
+    }
+
+    #[test]
+    fn extended_chunk_header_exact_bytes_and_round_trip() {
+        let h = ExtendedChunkHeader {
+            flags: NBD_REPLY_FLAG_DONE,
+            chunk_type: NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
+            cookie: 2,
+            offset: 1 << 40,
+            length: 8 + 16,
+        };
+        let b = h.encode();
+        assert_eq!(
+            b,
+            [
+                0x6e, 0x8a, 0x27, 0x8c, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 1, 0, 0, 0, 0, 0,
+                0, 0, 0, 0, 0, 0, 0, 24
+            ]
+        );
+        assert_eq!(ExtendedChunkHeader::decode(&b).unwrap(), h);
+        assert_eq!(reply_header_len(&b).unwrap(), EXTENDED_REPLY_HEADER_LEN);
+        assert_eq!(h.chunk().length, 24);
+        assert!(h.chunk().is_done());
+        assert!(truncated(ExtendedChunkHeader::decode(&b[..31])));
+        let mut bad = b;
+        bad[3] ^= 1;
+        assert!(bad_magic(ExtendedChunkHeader::decode(&bad)));
+        // A structured (compact) header is refused by the extended decoder.
+        let compact = ChunkHeader {
+            flags: 0,
+            chunk_type: NBD_REPLY_TYPE_NONE,
+            cookie: 1,
+            length: 0,
+        }
+        .encode();
+        assert!(bad_magic(ExtendedChunkHeader::decode(
+            &[compact.as_slice(), &[0; 12]].concat()
+        )));
+    }
+
+    #[test]
+    fn extended_chunk_lengths_are_bounded() {
+        let ok = |t, l| check_extended_chunk_length(t, l).is_ok();
+        assert!(ok(NBD_REPLY_TYPE_NONE, 0));
+        assert!(!ok(NBD_REPLY_TYPE_NONE, 1 << 32));
+        assert!(ok(NBD_REPLY_TYPE_OFFSET_DATA, 9));
+        assert!(!ok(
+            NBD_REPLY_TYPE_OFFSET_DATA,
+            u64::from(MAX_DATA_PAYLOAD) + 1
+        ));
+        assert!(!ok(NBD_REPLY_TYPE_OFFSET_DATA, u64::MAX));
+        assert!(ok(NBD_REPLY_TYPE_OFFSET_HOLE, 12));
+        // The 32-bit block status is a protocol violation here.
+        assert!(!ok(NBD_REPLY_TYPE_BLOCK_STATUS, 12));
+        assert!(!ok(NBD_REPLY_TYPE_BLOCK_STATUS_EXT, 8));
+        assert!(!ok(NBD_REPLY_TYPE_BLOCK_STATUS_EXT, 16));
+        assert!(ok(NBD_REPLY_TYPE_BLOCK_STATUS_EXT, 24));
+        assert!(!ok(NBD_REPLY_TYPE_BLOCK_STATUS_EXT, 25));
+        assert!(ok(
+            NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
+            u64::from(MAX_BLOCK_STATUS_EXT_PAYLOAD)
+        ));
+        assert!(!ok(
+            NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
+            u64::from(MAX_BLOCK_STATUS_EXT_PAYLOAD) + 16
+        ));
+        assert!(!ok(NBD_REPLY_TYPE_BLOCK_STATUS_EXT, (1 << 32) + 8));
+        assert!(ok(NBD_REPLY_TYPE_ERROR, 6));
+        assert!(!ok(NBD_REPLY_TYPE_ERROR, u64::from(MAX_ERROR_PAYLOAD) + 1));
+        assert!(!ok(42, 0));
+        // Without extended headers the wide type is unknown.
+        assert!(check_chunk_length(NBD_REPLY_TYPE_BLOCK_STATUS_EXT, 24).is_err());
+        let huge =
+            encode_extended_chunk_header(0, NBD_REPLY_TYPE_BLOCK_STATUS_EXT, 1, 0, u64::MAX - 7);
+        assert!(matches!(
+            ExtendedChunkHeader::decode(&huge),
+            Err(WireError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn block_status_ext_exact_bytes_and_round_trip() {
+        let d = [
+            ExtendedBlockDescriptor {
+                length: 5 << 30,
+                flags: u64::from(NBD_STATE_HOLE | NBD_STATE_ZERO),
+            },
+            ExtendedBlockDescriptor {
+                length: 512,
+                flags: 0,
+            },
+        ];
+        let b = encode_block_status_ext(3, &d);
+        assert_eq!(
+            b,
+            [
+                0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 1, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0,
+                0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0
+            ]
+        );
+        let len = b.len() as u32;
+        assert_eq!(decode_block_status_ext_prefix(&b, len).unwrap(), (3, 2));
+        assert!(decode_block_status_ext_prefix(&b, len - 16).is_err());
+        assert!(truncated(decode_block_status_ext_prefix(&b[..7], len)));
+        assert_eq!(ExtendedBlockDescriptor::decode(&b[8..24]).unwrap(), d[0]);
+        assert_eq!(ExtendedBlockDescriptor::decode(&b[24..]).unwrap(), d[1]);
+        assert!(ExtendedBlockDescriptor::decode(&[0; 16]).is_err());
+        assert!(truncated(ExtendedBlockDescriptor::decode(&[0; 15])));
+        assert_eq!(
+            option_name(NBD_OPT_EXTENDED_HEADERS),
+            "NBD_OPT_EXTENDED_HEADERS"
+        );
     }
 
     #[test]

@@ -761,3 +761,333 @@ fn send_writes_bounds_bytes_left_in_flight_by_earlier_calls() {
         assert_eq!(&stored[i * 4096..(i + 1) * 4096], &data[..]);
     }
 }
+
+#[test]
+fn extended_headers_carry_reads_writes_zeroes_and_block_status() {
+    let server = start(1 << 20, |c| {
+        c.extended = true;
+        c.extra_context = true;
+    });
+    let data = pattern(1 << 20, 7);
+    server.fill(0, &data);
+    server.fill(8192, &[0u8; 3 * 4096]);
+    let mut c = connect(&server);
+    assert!(c.negotiated().extended_headers);
+    assert!(c.negotiated().structured_replies);
+    assert!(c.has_base_allocation());
+
+    // Reads, with hole chunks and replies out of order.
+    let mut a = vec![0xaa; 65536];
+    let mut b = vec![0xaa; 200_000];
+    let mut reqs = [(0u64, a.as_mut_slice()), (500_000, b.as_mut_slice())];
+    c.read_many(&mut reqs, 2, 1 << 20).unwrap();
+    let mut expect = data.clone();
+    expect[8192..8192 + 3 * 4096].fill(0);
+    assert_eq!(a, &expect[..65536]);
+    assert_eq!(b, &expect[500_000..700_000]);
+
+    // Block status comes as BLOCK_STATUS_EXT (and the extra context's
+    // chunk is skipped).
+    let z = NBD_STATE_HOLE | NBD_STATE_ZERO;
+    assert_eq!(
+        c.block_status(4096, 6 * 4096).unwrap(),
+        vec![(4096, 0), (3 * 4096, z), (2 * 4096, 0)]
+    );
+
+    // Writes, zeroes, trim, flush; simple answers come as chunks.
+    let w = pattern(100_000, 9);
+    c.write_many(
+        [
+            WriteCmd::Write {
+                offset: 0,
+                data: &w,
+                lend: true,
+            },
+            WriteCmd::WriteZeroes {
+                offset: 300_000,
+                length: 100_000,
+                no_hole: false,
+                fast_zero: false,
+            },
+            WriteCmd::Trim {
+                offset: 900_000,
+                length: 4096,
+            },
+        ],
+        4,
+        1 << 20,
+    )
+    .unwrap();
+    c.flush().unwrap();
+    let mut want = data;
+    want[..100_000].copy_from_slice(&w);
+    want[300_000..400_000].fill(0);
+    let got = server.data();
+    assert_eq!(&got[..900_000], &want[..900_000]);
+    assert_eq!(&got[904_096..], &want[904_096..]);
+    assert!(server.errors().is_empty(), "{:?}", server.errors());
+    // An error is still an error, the connection usable.
+    let e = c.block_status(0, 1 << 40).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Server);
+    assert!(!c.is_dead());
+    c.disconnect().unwrap();
+}
+
+#[test]
+fn extended_block_status_protocol_violations() {
+    for (m, want) in [
+        (Misbehave::ExtentsBeyond, "beyond the end"),
+        (Misbehave::ZeroLengthExtent, "zero-length extent"),
+        (Misbehave::NoExtents, "no extents"),
+    ] {
+        let server = start(65536, |c| {
+            c.extended = true;
+            c.misbehave = m;
+        });
+        let mut c = connect(&server);
+        assert!(c.negotiated().extended_headers);
+        let e = c.block_status(0, 65536).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{m:?}: {e}");
+        assert!(e.to_string().contains(want), "{m:?}: {e}");
+        assert!(c.is_dead());
+    }
+}
+
+/// A handshake with extended headers agreed (or not), an export of 64 KiB
+/// with `base:allocation` as context 1, then `reply` answering the first
+/// request.
+fn extended_script(
+    extended: bool,
+    reply: impl FnOnce(&mut Peer, &Request) -> io::Result<()> + Send + 'static,
+) -> (Transport, thread::JoinHandle<io::Result<()>>) {
+    scripted(move |p| {
+        let mut e = small_export();
+        if extended {
+            e = e.extended();
+        }
+        p.serve_go(&e)?;
+        let (r, _) = p.request()?.expect("a request");
+        // The client may hang up halfway through a bad reply.
+        let _ = reply(p, &r);
+        p.drain();
+        Ok(())
+    })
+}
+
+#[test]
+fn mixing_header_kinds_is_a_protocol_error() {
+    // Extended headers agreed, then a compact structured chunk or a
+    // simple reply.
+    let compact = |p: &mut Peer, r: &Request| {
+        let h = ChunkHeader {
+            flags: NBD_REPLY_FLAG_DONE,
+            chunk_type: NBD_REPLY_TYPE_NONE,
+            cookie: r.cookie,
+            length: 0,
+        };
+        p.raw(&h.encode())
+    };
+    let simple = |p: &mut Peer, r: &Request| {
+        p.raw(
+            &SimpleReply {
+                error: 0,
+                cookie: r.cookie,
+            }
+            .encode(),
+        )
+    };
+    for (extended, reply, want) in [
+        (
+            true,
+            Box::new(compact) as Box<dyn FnOnce(&mut Peer, &Request) -> io::Result<()> + Send>,
+            "compact reply header",
+        ),
+        (true, Box::new(simple), "compact reply header"),
+        // No extended headers agreed, then an extended chunk.
+        (
+            false,
+            Box::new(|p: &mut Peer, r: &Request| {
+                p.raw(&encode_extended_chunk_header(
+                    NBD_REPLY_FLAG_DONE,
+                    NBD_REPLY_TYPE_NONE,
+                    r.cookie,
+                    0,
+                    0,
+                ))
+            }),
+            "without negotiating extended headers",
+        ),
+        // A 32-bit block status chunk with extended headers.
+        (
+            true,
+            Box::new(|p: &mut Peer, r: &Request| {
+                let payload = encode_block_status(
+                    1,
+                    &[BlockDescriptor {
+                        length: 4096,
+                        flags: 0,
+                    }],
+                );
+                p.raw(&encode_extended_chunk_header(
+                    NBD_REPLY_FLAG_DONE,
+                    NBD_REPLY_TYPE_BLOCK_STATUS,
+                    r.cookie,
+                    0,
+                    payload.len() as u64,
+                ))?;
+                p.raw(&payload)
+            }),
+            "32-bit BLOCK_STATUS",
+        ),
+        // A payload length beyond 32 bits.
+        (
+            true,
+            Box::new(|p: &mut Peer, r: &Request| {
+                p.raw(&encode_extended_chunk_header(
+                    NBD_REPLY_FLAG_DONE,
+                    NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
+                    r.cookie,
+                    0,
+                    (1 << 40) + 8,
+                ))
+            }),
+            "too long",
+        ),
+        // A descriptor count that does not match the length.
+        (
+            true,
+            Box::new(|p: &mut Peer, r: &Request| {
+                let mut payload = encode_block_status_ext(
+                    1,
+                    &[ExtendedBlockDescriptor {
+                        length: 4096,
+                        flags: 0,
+                    }],
+                );
+                payload[7] = 2;
+                p.raw(&encode_extended_chunk_header(
+                    NBD_REPLY_FLAG_DONE,
+                    NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
+                    r.cookie,
+                    0,
+                    payload.len() as u64,
+                ))?;
+                p.raw(&payload)
+            }),
+            "do not fill",
+        ),
+    ] {
+        let (t, server) = extended_script(extended, reply);
+        let mut c = Client::handshake(t, "", "t").unwrap();
+        assert_eq!(c.negotiated().extended_headers, extended);
+        let e = c.block_status(0, 65536).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{want}: {e}");
+        assert!(e.to_string().contains(want), "{want}: {e}");
+        assert!(c.is_dead());
+        drop(c);
+        server.join().unwrap().unwrap();
+    }
+}
+
+#[test]
+fn extended_requests_are_32_bytes_with_64_bit_lengths() {
+    let (t, server) = scripted(|p| {
+        p.serve_go(&small_export().extended())?;
+        let mut h = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+        p.stream().read_exact(&mut h)?;
+        let (r, len) = decode_extended_request(&h).unwrap();
+        assert_eq!(
+            (r.command, r.offset, len),
+            (NBD_CMD_BLOCK_STATUS, 512, 4096)
+        );
+        p.block_status_ext(r.cookie, NBD_REPLY_FLAG_DONE, 1, &[(1 << 33, 0)])?;
+        p.drain();
+        Ok(())
+    });
+    let mut c = Client::handshake(t, "", "t").unwrap();
+    // A 64-bit extent longer than the request is clipped to it.
+    assert_eq!(c.block_status(512, 4096).unwrap(), vec![(4096, 0)]);
+    drop(c);
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn extended_block_status_covers_more_than_4_gib_in_one_request() {
+    let (t, server) = scripted(|p| {
+        p.serve_go(&Export::new(16 << 30).context(1).extended())?;
+        let mut h = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+        p.stream().read_exact(&mut h)?;
+        let (r, len) = decode_extended_request(&h).unwrap();
+        assert_eq!(
+            (r.command, r.offset, len),
+            (NBD_CMD_BLOCK_STATUS, 4096, 12 << 30)
+        );
+        let z = NBD_STATE_HOLE | NBD_STATE_ZERO;
+        p.block_status_ext(
+            r.cookie,
+            NBD_REPLY_FLAG_DONE,
+            1,
+            &[(5 << 30, z), (3 << 30, 0), (8 << 30, z)],
+        )?;
+        p.drain();
+        Ok(())
+    });
+    let mut c = Client::handshake(t, "", "t").unwrap();
+    let z = NBD_STATE_HOLE | NBD_STATE_ZERO;
+    assert_eq!(
+        c.block_status(4096, 12 << 30).unwrap(),
+        vec![(5 << 30, z), (3 << 30, 0), (4 << 30, z)]
+    );
+    drop(c);
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn extended_zero_and_trim_requests_cover_more_than_4_gib() {
+    let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_TRIM;
+    let (t, server) = scripted(move |p| {
+        p.serve_go(&Export::new(32 << 30).flags(flags).context(1).extended())?;
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let mut h = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+            p.stream().read_exact(&mut h)?;
+            let (r, len) = decode_extended_request(&h).unwrap();
+            seen.push((r.command, r.offset, len));
+        }
+        // Both were sent before either was answered: they do not overlap.
+        p.done(1)?;
+        p.done(2)?;
+        assert_eq!(
+            seen,
+            vec![
+                (NBD_CMD_WRITE_ZEROES, 4096, 12 << 30),
+                (NBD_CMD_TRIM, 16 << 30, 6 << 30)
+            ]
+        );
+        p.drain();
+        Ok(())
+    });
+    let mut c = Client::handshake(t, "", "t").unwrap();
+    assert!(c.max_request_without_payload() > 1 << 40);
+    c.write_many(
+        [
+            WriteCmd::WriteZeroes {
+                offset: 4096,
+                length: 12 << 30,
+                no_hole: false,
+                fast_zero: false,
+            },
+            WriteCmd::Trim {
+                offset: 16 << 30,
+                length: 6 << 30,
+            },
+        ],
+        4,
+        1 << 20,
+    )
+    .unwrap();
+    c.limit_requests_without_payload();
+    assert_eq!(c.max_request_without_payload(), u64::from(c.max_payload()));
+    drop(c);
+    server.join().unwrap().unwrap();
+}

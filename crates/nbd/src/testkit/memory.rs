@@ -51,6 +51,8 @@ pub struct FakeConfig {
     pub export: String,
     /// Offer structured replies.
     pub structured: bool,
+    /// Offer extended headers (with structured replies).
+    pub extended: bool,
     /// Offer the `base:allocation` context.
     pub base_allocation: bool,
     /// Advertise a read-only export.
@@ -90,6 +92,7 @@ impl Default for FakeConfig {
         FakeConfig {
             export: String::new(),
             structured: true,
+            extended: false,
             base_allocation: true,
             read_only: false,
             write_zeroes: true,
@@ -160,7 +163,8 @@ impl Memory {
             name: cfg.export.clone(),
             size: self.data.lock().unwrap().len() as u64,
             flags,
-            structured: cfg.structured,
+            structured: cfg.structured || cfg.extended,
+            extended: cfg.extended,
             base_allocation: cfg.base_allocation.then_some(CONTEXT_ID),
             block_size: cfg.block_size,
         }

@@ -28,6 +28,9 @@ pub struct Export {
     pub flags: u16,
     /// Agree to structured replies.
     pub structured: bool,
+    /// Agree to extended headers (which imply structured replies); when
+    /// false, `NBD_OPT_EXTENDED_HEADERS` gets `NBD_REP_ERR_UNSUP`.
+    pub extended: bool,
     /// The context id given to `base:allocation`, if it is offered (only
     /// with structured replies).
     pub base_allocation: Option<u32>,
@@ -49,9 +52,17 @@ impl Export {
                 | NBD_FLAG_SEND_WRITE_ZEROES
                 | NBD_FLAG_CAN_MULTI_CONN,
             structured: true,
+            extended: false,
             base_allocation: Some(3),
             block_size: None,
         }
+    }
+
+    /// Agreeing to extended headers too.
+    pub fn extended(mut self) -> Export {
+        self.structured = true;
+        self.extended = true;
+        self
     }
 
     /// With another name.
@@ -69,6 +80,7 @@ impl Export {
     /// Without structured replies (and so without `base:allocation`).
     pub fn simple(mut self) -> Export {
         self.structured = false;
+        self.extended = false;
         self.base_allocation = None;
         self
     }
@@ -146,6 +158,12 @@ pub struct Peer {
     /// Replies being held back instead of sent (see [`Peer::hold`]).
     held: Option<Vec<u8>>,
     structured: bool,
+    /// Extended headers were agreed: requests are read, and replies sent,
+    /// with the 32-byte headers.
+    extended: bool,
+    /// Scripts see `NBD_OPT_EXTENDED_HEADERS` ([`Peer::option`] answers
+    /// it with `NBD_REP_ERR_UNSUP` by itself otherwise).
+    see_extended: bool,
     context: Option<u32>,
     /// The server this connection belongs to, which logs its requests.
     state: Option<Arc<State>>,
@@ -160,6 +178,8 @@ impl Peer {
             stream,
             held: None,
             structured: false,
+            extended: false,
+            see_extended: false,
             context: None,
             state: None,
             connection: 1,
@@ -195,6 +215,25 @@ impl Peer {
     /// [`Peer::serve_go`]).
     pub fn structured(&self) -> bool {
         self.structured
+    }
+
+    /// Whether extended headers were agreed.
+    pub fn extended(&self) -> bool {
+        self.extended
+    }
+
+    /// Let the script see `NBD_OPT_EXTENDED_HEADERS` in [`Peer::option`]
+    /// instead of the peer refusing it unseen (as a server that predates
+    /// it would, which is what scripts written before it expect).
+    pub fn see_extended_headers(&mut self) {
+        self.see_extended = true;
+    }
+
+    /// From now on, speak extended headers (after the script agreed to
+    /// `NBD_OPT_EXTENDED_HEADERS`); implies structured replies.
+    pub fn set_extended(&mut self) {
+        self.extended = true;
+        self.structured = true;
     }
 
     /// The context id agreed for `base:allocation`, if any.
@@ -254,8 +293,21 @@ impl Peer {
     }
 
     /// Read one option request: its code and data (refusing more than
-    /// 64 KiB of data).
+    /// 64 KiB of data). `NBD_OPT_EXTENDED_HEADERS` is answered with
+    /// `NBD_REP_ERR_UNSUP` and skipped unless
+    /// [`Peer::see_extended_headers`] was called.
     pub fn option(&mut self) -> io::Result<(u32, Vec<u8>)> {
+        loop {
+            let (opt, data) = self.any_option()?;
+            if opt == NBD_OPT_EXTENDED_HEADERS && !self.see_extended {
+                self.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?;
+                continue;
+            }
+            return Ok((opt, data));
+        }
+    }
+
+    fn any_option(&mut self) -> io::Result<(u32, Vec<u8>)> {
         let mut h = [0u8; OPTION_HEADER_LEN];
         self.stream.read_exact(&mut h)?;
         let h = OptionHeader::decode(&h).map_err(invalid)?;
@@ -328,6 +380,7 @@ impl Peer {
     pub fn negotiate(&mut self, export: &Export) -> io::Result<bool> {
         self.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)?;
         self.client_flags()?;
+        self.see_extended = export.extended;
         loop {
             let (opt, data) = match self.option() {
                 Ok(o) => o,
@@ -335,7 +388,11 @@ impl Peer {
                 Err(e) => return Err(e),
             };
             match opt {
-                NBD_OPT_STRUCTURED_REPLY if export.structured => {
+                NBD_OPT_EXTENDED_HEADERS if export.extended && !self.extended => {
+                    self.set_extended();
+                    self.ack(opt)?;
+                }
+                NBD_OPT_STRUCTURED_REPLY if export.structured && !self.extended => {
                     self.structured = true;
                     self.ack(opt)?;
                 }
@@ -386,21 +443,37 @@ impl Peer {
 
     /// The handshake nbdcp's client does, checked step by step (panicking
     /// on any difference): fixed newstyle without zeroes,
-    /// `NBD_OPT_STRUCTURED_REPLY`, then (if `export` agrees to structured
-    /// replies) `NBD_OPT_SET_META_CONTEXT` for `base:allocation` of
-    /// `export`'s name, then `NBD_OPT_GO` for it asking for
-    /// `NBD_INFO_BLOCK_SIZE`; answered as `export` says.
+    /// `NBD_OPT_EXTENDED_HEADERS` (agreed if `export` says so), else
+    /// `NBD_OPT_STRUCTURED_REPLY`, then (with structured replies)
+    /// `NBD_OPT_SET_META_CONTEXT` for `base:allocation` of `export`'s
+    /// name, then `NBD_OPT_GO` for it asking for `NBD_INFO_BLOCK_SIZE`;
+    /// answered as `export` says.
     pub fn serve_go(&mut self, export: &Export) -> io::Result<()> {
         self.greet(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)?;
         assert_eq!(
             self.client_flags()?,
             NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
         );
+        self.see_extended = true;
         let (opt, data) = self.option()?;
-        assert_eq!((opt, data.len()), (NBD_OPT_STRUCTURED_REPLY, 0));
-        if export.structured {
-            self.structured = true;
+        assert_eq!((opt, data.len()), (NBD_OPT_EXTENDED_HEADERS, 0));
+        if export.extended {
+            // Extended headers imply structured replies: no
+            // NBD_OPT_STRUCTURED_REPLY follows.
+            self.set_extended();
             self.ack(opt)?;
+        } else {
+            self.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?;
+            let (opt, data) = self.option()?;
+            assert_eq!((opt, data.len()), (NBD_OPT_STRUCTURED_REPLY, 0));
+            if !export.structured {
+                self.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?;
+            } else {
+                self.structured = true;
+                self.ack(opt)?;
+            }
+        }
+        if self.structured {
             let (opt, data) = self.option()?;
             assert_eq!(opt, NBD_OPT_SET_META_CONTEXT);
             let (name, queries) = decode_meta_context_payload(&data).unwrap();
@@ -411,8 +484,6 @@ impl Peer {
                 self.meta_context(opt, id, BASE_ALLOCATION)?;
             }
             self.ack(opt)?;
-        } else {
-            self.option_reply(opt, NBD_REP_ERR_UNSUP, &[])?;
         }
         let (opt, data) = self.option()?;
         assert_eq!(opt, NBD_OPT_GO);
@@ -438,7 +509,12 @@ impl Peer {
     /// Read the next request like [`Peer::request`], but give up with
     /// [`Next::Idle`] if none starts within `idle` (when given).
     pub fn next_request(&mut self, idle: Option<Duration>) -> io::Result<Next> {
-        let mut h = [0u8; REQUEST_HEADER_LEN];
+        let mut h = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+        let hlen = if self.extended {
+            EXTENDED_REQUEST_HEADER_LEN
+        } else {
+            REQUEST_HEADER_LEN
+        };
         let before = self.stream.read_timeout()?;
         if idle.is_some() {
             self.stream.set_read_timeout(idle)?;
@@ -462,7 +538,7 @@ impl Peer {
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(Next::Closed),
             Err(e) => return Err(e),
         }
-        match self.stream.read_exact(&mut h[1..]) {
+        match self.stream.read_exact(&mut h[1..hlen]) {
             Ok(()) => {}
             Err(e)
                 if matches!(
@@ -474,10 +550,15 @@ impl Peer {
             }
             Err(e) => return Err(e),
         }
-        let r = Request::decode(&h).map_err(invalid)?;
+        let (r, wide) = if self.extended {
+            decode_extended_request(&h).map_err(invalid)?
+        } else {
+            let r = Request::decode(&h[..hlen]).map_err(invalid)?;
+            (r, r.length.into())
+        };
         let mut payload = Vec::new();
         if r.command == NBD_CMD_WRITE {
-            if r.length > MAX_WRITE {
+            if wide > u64::from(MAX_WRITE) {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "write too long"));
             }
             payload = vec![0u8; r.length as usize];
@@ -495,8 +576,19 @@ impl Peer {
         self.requests
     }
 
-    /// A simple reply, followed by `data` (for a successful read).
+    /// A simple reply, followed by `data` (for a successful read). With
+    /// extended headers, which forbid simple replies, the same answer as
+    /// one final chunk instead (a read's data included).
     pub fn simple_reply(&mut self, cookie: u64, error: u32, data: &[u8]) -> io::Result<()> {
+        if self.extended {
+            return match (error, data.is_empty()) {
+                (0, true) => self.done(cookie),
+                (0, false) => Err(io::Error::other(
+                    "simple read reply with extended headers; use data()",
+                )),
+                (e, _) => self.error(cookie, NBD_REPLY_FLAG_DONE, e, "", None),
+            };
+        }
         self.raw(&SimpleReply { error, cookie }.encode())?;
         self.raw(data)
     }
@@ -511,6 +603,10 @@ impl Peer {
         chunk_type: u16,
         length: u32,
     ) -> io::Result<()> {
+        if self.extended {
+            let h = encode_extended_chunk_header(flags, chunk_type, cookie, 0, length.into());
+            return self.raw(&h);
+        }
         let h = ChunkHeader {
             flags,
             chunk_type,
@@ -578,7 +674,8 @@ impl Peer {
         self.block_status_in(cookie, flags, id, extents)
     }
 
-    /// A `BLOCK_STATUS` chunk for context `id`.
+    /// A `BLOCK_STATUS` chunk for context `id` (`BLOCK_STATUS_EXT` with
+    /// extended headers).
     pub fn block_status_in(
         &mut self,
         cookie: u64,
@@ -586,6 +683,10 @@ impl Peer {
         id: u32,
         extents: &[(u32, u32)],
     ) -> io::Result<()> {
+        if self.extended {
+            let wide: Vec<(u64, u32)> = extents.iter().map(|&(l, f)| (l.into(), f)).collect();
+            return self.block_status_ext(cookie, flags, id, &wide);
+        }
         let descriptors: Vec<BlockDescriptor> = extents
             .iter()
             .map(|&(length, flags)| BlockDescriptor { length, flags })
@@ -595,6 +696,30 @@ impl Peer {
             flags,
             NBD_REPLY_TYPE_BLOCK_STATUS,
             &encode_block_status(id, &descriptors),
+        )
+    }
+
+    /// A `BLOCK_STATUS_EXT` chunk for context `id`, with 64-bit extent
+    /// lengths (only meaningful with extended headers).
+    pub fn block_status_ext(
+        &mut self,
+        cookie: u64,
+        flags: u16,
+        id: u32,
+        extents: &[(u64, u32)],
+    ) -> io::Result<()> {
+        let descriptors: Vec<ExtendedBlockDescriptor> = extents
+            .iter()
+            .map(|&(length, f)| ExtendedBlockDescriptor {
+                length,
+                flags: f.into(),
+            })
+            .collect();
+        self.chunk(
+            cookie,
+            flags,
+            NBD_REPLY_TYPE_BLOCK_STATUS_EXT,
+            &encode_block_status_ext(id, &descriptors),
         )
     }
 
