@@ -86,6 +86,10 @@ pub(crate) struct Shared {
     events: Option<EventFn>,
     /// Source bytes of segments the destination acknowledged.
     acked: AtomicU64,
+    /// Held while a progress event is read and told, so that events from
+    /// several workers and the ticker reach the listener in the order
+    /// their `done` was read: `done` never goes backwards.
+    progress_order: Mutex<()>,
     /// When the copy started, for the events' elapsed time.
     started: Instant,
     /// Folds the segments' block digests into the blkhash, if one is
@@ -113,6 +117,7 @@ impl Shared {
             resumed: AtomicU64::new(0),
             events: None,
             acked: AtomicU64::new(0),
+            progress_order: Mutex::new(()),
             started: Instant::now(),
             blkhash: plan.blkhash.map(|spec| {
                 let origin = match plan.shape {
@@ -146,6 +151,11 @@ impl Shared {
         let Some(events) = &self.events else {
             return;
         };
+        // A listener that panicked poisons nothing this guards.
+        let _in_order = self
+            .progress_order
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let done = self.acked.load(Ordering::SeqCst);
         let written = self.written.load(Ordering::Relaxed);
         let zeroed = self.zeroed.load(Ordering::Relaxed);
