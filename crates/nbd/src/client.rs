@@ -1094,42 +1094,10 @@ impl Client {
         let mut idb = [0u8; 4];
         self.read_exact(op, &mut idb)?;
         let id = u32::from_be_bytes(idb);
-        let mut remaining = (length - 4) as usize;
-        if Some(id) != self.neg.base_allocation {
-            return self.skip(op, remaining);
-        }
-        if self.slots[si].got_status {
-            return Err(self.protocol(
-                op,
-                "server sent two block status chunks for base:allocation",
-            ));
-        }
-        self.slots[si].got_status = true;
-        let req_len = self.slots[si].effect;
-        self.extents.clear();
-        let mut total = 0u64;
-        let mut buf = [0u8; 512 * BLOCK_DESCRIPTOR_LEN];
-        while remaining > 0 {
-            let k = remaining.min(buf.len());
-            self.read_exact(op, &mut buf[..k])?;
-            remaining -= k;
-            for d in buf[..k].chunks_exact(BLOCK_DESCRIPTOR_LEN) {
-                let d = match BlockDescriptor::decode(d) {
-                    Ok(d) => d,
-                    Err(e) => return Err(self.protocol(op, e.to_string())),
-                };
-                if total >= req_len {
-                    return Err(self.protocol(
-                        op,
-                        "server sent extents beyond the end of the block status request",
-                    ));
-                }
-                let len = u64::from(d.length).min(req_len - total);
-                self.extents.push((len, d.flags));
-                total += u64::from(d.length);
-            }
-        }
-        Ok(())
+        let remaining = (length - 4) as usize;
+        self.base_allocation_extents(si, id, remaining, BLOCK_DESCRIPTOR_LEN, |d| {
+            BlockDescriptor::decode(d).map(|d| (u64::from(d.length), d.flags))
+        })
     }
 
     /// [`Client::block_status_chunk`] for `BLOCK_STATUS_EXT`: 64-bit
@@ -1144,7 +1112,24 @@ impl Client {
             Err(e) => return Err(self.protocol(op, e.to_string())),
         };
         // Bounded to MAX_BLOCK_STATUS_EXT_PAYLOAD by the header decoder.
-        let mut remaining = (length - 8) as usize;
+        let remaining = (length - 8) as usize;
+        self.base_allocation_extents(si, id, remaining, EXTENDED_BLOCK_DESCRIPTOR_LEN, |d| {
+            ExtendedBlockDescriptor::decode(d).map(|d| (d.length, d.flags as u32))
+        })
+    }
+
+    /// The descriptors of a block status chunk for context `id`, after its
+    /// prefix: `remaining` bytes of `descriptor_len`-byte descriptors that
+    /// `decode` turns into (length, flags). Other contexts are skipped.
+    fn base_allocation_extents(
+        &mut self,
+        si: usize,
+        id: u32,
+        mut remaining: usize,
+        descriptor_len: usize,
+        decode: impl Fn(&[u8]) -> WireResult<(u64, u32)>,
+    ) -> Result<()> {
+        let op = self.slots[si].op;
         if Some(id) != self.neg.base_allocation {
             return self.skip(op, remaining);
         }
@@ -1158,13 +1143,14 @@ impl Client {
         let req_len = self.slots[si].effect;
         self.extents.clear();
         let mut total = 0u64;
-        let mut buf = [0u8; 256 * EXTENDED_BLOCK_DESCRIPTOR_LEN];
+        // 512 compact or 256 extended descriptors a read.
+        let mut buf = [0u8; 4096];
         while remaining > 0 {
             let k = remaining.min(buf.len());
             self.read_exact(op, &mut buf[..k])?;
             remaining -= k;
-            for d in buf[..k].chunks_exact(EXTENDED_BLOCK_DESCRIPTOR_LEN) {
-                let d = match ExtendedBlockDescriptor::decode(d) {
+            for d in buf[..k].chunks_exact(descriptor_len) {
+                let (length, flags) = match decode(d) {
                     Ok(d) => d,
                     Err(e) => return Err(self.protocol(op, e.to_string())),
                 };
@@ -1174,9 +1160,8 @@ impl Client {
                         "server sent extents beyond the end of the block status request",
                     ));
                 }
-                let len = d.length.min(req_len - total);
-                self.extents.push((len, d.flags as u32));
-                total = total.saturating_add(d.length);
+                self.extents.push((length.min(req_len - total), flags));
+                total = total.saturating_add(length);
             }
         }
         Ok(())
