@@ -287,49 +287,44 @@ impl<S: Read + Write> Negotiator<'_, S> {
     /// structured replies) when the server refuses them in any
     /// non-fatal way.
     fn extended_headers(&mut self) -> Result<bool> {
-        self.send_option(NBD_OPT_EXTENDED_HEADERS, &[])?;
-        let (hdr, payload) = self.read_reply(NBD_OPT_EXTENDED_HEADERS)?;
-        match hdr.reply_type {
-            NBD_REP_ACK if payload.is_empty() => Ok(true),
-            NBD_REP_ACK => {
-                Err(self.proto("NBD_REP_ACK to NBD_OPT_EXTENDED_HEADERS with a payload"))
-            }
-            _ if hdr.is_error() => {
-                if let Some(e) = self.fatal_option_error(&hdr, &payload) {
-                    return Err(e);
-                }
-                log::debug!(
-                    "{}: no extended headers: {}",
-                    self.name,
-                    Self::describe_error(&hdr, &payload)
-                );
-                Ok(false)
-            }
-            t => Err(self.proto(format!(
-                "unexpected {} reply to NBD_OPT_EXTENDED_HEADERS",
-                option_reply_name(t)
-            ))),
-        }
+        self.yes_no_option(
+            NBD_OPT_EXTENDED_HEADERS,
+            "NBD_OPT_EXTENDED_HEADERS",
+            "extended headers",
+        )
     }
 
+    /// Ask for structured replies; `false` when refused non-fatally.
     fn structured_replies(&mut self) -> Result<bool> {
-        self.send_option(NBD_OPT_STRUCTURED_REPLY, &[])?;
-        let (hdr, payload) = self.read_reply(NBD_OPT_STRUCTURED_REPLY)?;
+        self.yes_no_option(
+            NBD_OPT_STRUCTURED_REPLY,
+            "NBD_OPT_STRUCTURED_REPLY",
+            "structured replies",
+        )
+    }
+
+    /// An option without data that the server grants with an empty
+    /// `NBD_REP_ACK` or refuses with an error; fatal errors end the
+    /// handshake, others are `false`.
+    fn yes_no_option(&mut self, option: u32, option_name: &str, what: &str) -> Result<bool> {
+        self.send_option(option, &[])?;
+        let (hdr, payload) = self.read_reply(option)?;
         match hdr.reply_type {
-            NBD_REP_ACK => Ok(true),
+            NBD_REP_ACK if payload.is_empty() => Ok(true),
+            NBD_REP_ACK => Err(self.proto(format!("NBD_REP_ACK to {option_name} with a payload"))),
             _ if hdr.is_error() => {
                 if let Some(e) = self.fatal_option_error(&hdr, &payload) {
                     return Err(e);
                 }
                 log::debug!(
-                    "{}: no structured replies: {}",
+                    "{}: no {what}: {}",
                     self.name,
                     Self::describe_error(&hdr, &payload)
                 );
                 Ok(false)
             }
             t => Err(self.proto(format!(
-                "unexpected {} reply to NBD_OPT_STRUCTURED_REPLY",
+                "unexpected {} reply to {option_name}",
                 option_reply_name(t)
             ))),
         }
