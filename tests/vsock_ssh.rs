@@ -21,14 +21,21 @@ use std::time::{Duration, Instant};
 
 const SIZE: u64 = 24 << 20;
 
-/// A tool the ssh tests need, or the reason they are skipped.
-fn missing(tools: &[&str]) -> Option<String> {
-    let absent: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| which(t).is_none() && !Path::new(t).exists())
-        .collect();
-    (!absent.is_empty()).then(|| format!("not installed: {}", absent.join(", ")))
+/// Fail, naming the package to install, unless every tool the ssh tests
+/// need is here: a missing sshd must not let them pass.
+fn require_ssh_tools() {
+    for (tool, package) in [
+        ("nbdkit", "nbdkit"),
+        ("ssh", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+        ("/usr/sbin/sshd", "openssh-server"),
+        ("nc", "netcat-openbsd"),
+    ] {
+        assert!(
+            which(tool).is_some() || Path::new(tool).exists(),
+            "{tool} is not installed: apt-get install {package} (scripts/test.sh installs it)"
+        );
+    }
 }
 
 fn keygen(path: &Path) {
@@ -161,16 +168,9 @@ impl Drop for Sshd {
     }
 }
 
-fn ssh_ready() -> Option<String> {
-    missing(&["nbdkit", "ssh", "ssh-keygen", "/usr/sbin/sshd", "nc"])
-}
-
 #[test]
 fn ssh_copies_both_directions() {
-    if let Some(why) = ssh_ready() {
-        eprintln!("skipped: {why} (scripts/test.sh installs them)");
-        return;
-    }
+    require_ssh_tools();
     let dir = tmp();
     let sshd = Sshd::start(dir.path());
     let wrapper = sshd.wrapper("user_key");
@@ -191,10 +191,7 @@ fn ssh_copies_both_directions() {
 
 #[test]
 fn ssh_with_a_refused_key_fails_in_one_line() {
-    if let Some(why) = ssh_ready() {
-        eprintln!("skipped: {why} (scripts/test.sh installs them)");
-        return;
-    }
+    require_ssh_tools();
     let dir = tmp();
     let sshd = Sshd::start(dir.path());
     let wrapper = sshd.wrapper("other_key");
@@ -210,10 +207,7 @@ fn ssh_with_a_refused_key_fails_in_one_line() {
 
 #[test]
 fn ssh_to_a_missing_socket_fails_in_one_line() {
-    if let Some(why) = ssh_ready() {
-        eprintln!("skipped: {why} (scripts/test.sh installs them)");
-        return;
-    }
+    require_ssh_tools();
     let dir = tmp();
     let sshd = Sshd::start(dir.path());
     let wrapper = sshd.wrapper("user_key");
@@ -272,10 +266,7 @@ fn vsock_copies_both_directions_where_loopback_works() {
         eprintln!("skipped: {why}; nbd+vsock needs a VM's host or the vsock_loopback module");
         return;
     }
-    if let Some(why) = missing(&["nbdkit"]) {
-        eprintln!("skipped: {why}");
-        return;
-    }
+    require("nbdkit");
     let dir = tmp();
     let port = u32::from(free_port());
     let mut nbdkit = Command::new("nbdkit")
@@ -307,10 +298,7 @@ fn vsock_copies_both_directions_where_loopback_works() {
 #[cfg(feature = "tls")]
 #[test]
 fn nbds_ssh_copies_over_tls_inside_ssh() {
-    if let Some(why) = ssh_ready() {
-        eprintln!("skipped: {why} (scripts/test.sh installs them)");
-        return;
-    }
+    require_ssh_tools();
     let pki = common::tls::Pki::get();
     let dir = tmp();
     let sshd = Sshd::start(dir.path());
@@ -358,10 +346,7 @@ fn children_named(parent: u32, name: &str) -> Vec<u32> {
 
 #[test]
 fn ssh_killed_mid_copy_is_reconnected() {
-    if let Some(why) = ssh_ready() {
-        eprintln!("skipped: {why} (scripts/test.sh installs them)");
-        return;
-    }
+    require_ssh_tools();
     let dir = tmp();
     let sshd = Sshd::start(dir.path());
     let wrapper = sshd.wrapper("user_key");
