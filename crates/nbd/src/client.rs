@@ -18,11 +18,12 @@
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
 use super::handshake::{Handshake, Negotiated};
+use super::round_trip::RoundTrip;
 use super::splice::{MIN_SPLICE_PAYLOAD, SpliceError, SplicePipe};
 use super::tls::TlsContext;
 use super::transport::Transport;
@@ -130,6 +131,9 @@ struct Slot {
     /// The request's whole length, beyond 32 bits only for a block status
     /// request with extended headers.
     effect: u64,
+    /// The read window group this read belongs to ([`NO_GROUP`] outside
+    /// [`Client::read_window`]).
+    group: u64,
     /// Index of the caller's read request this fills.
     target: usize,
     /// Where this (possibly split) request starts in that buffer.
@@ -155,6 +159,7 @@ impl Default for Slot {
             offset: 0,
             length: 0,
             effect: 0,
+            group: NO_GROUP,
             target: 0,
             buf_start: 0,
             covered: Vec::new(),
@@ -201,6 +206,59 @@ impl SubRequest {
 /// A request that got its final reply.
 struct Completed {
     length: u32,
+    group: u64,
+    error: Option<Error>,
+}
+
+/// The group of requests outside a read window.
+const NO_GROUP: u64 = u64::MAX;
+
+/// Where reply data goes: the caller's read buffers, found by the group
+/// and index a request was sent with. `None` drops the data (reads of a
+/// window being abandoned).
+trait Targets {
+    fn buffer(&mut self, group: u64, target: usize) -> Option<&mut [u8]>;
+}
+
+impl<R: ReadRequest> Targets for [R] {
+    fn buffer(&mut self, _group: u64, target: usize) -> Option<&mut [u8]> {
+        self.get_mut(target).map(|r| r.buffer())
+    }
+}
+
+/// The buffers of a read window's groups, `first` being the id of
+/// `groups[0]`.
+struct WindowTargets<'a, 'b, R> {
+    first: u64,
+    groups: &'a mut [&'b mut [R]],
+}
+
+impl<R: ReadRequest> Targets for WindowTargets<'_, '_, R> {
+    fn buffer(&mut self, group: u64, target: usize) -> Option<&mut [u8]> {
+        let at = usize::try_from(group.checked_sub(self.first)?).ok()?;
+        self.groups.get_mut(at)?.get_mut(target).map(|r| r.buffer())
+    }
+}
+
+/// Data of abandoned reads, read off the socket and dropped.
+struct Discard;
+
+impl Targets for Discard {
+    fn buffer(&mut self, _group: u64, _target: usize) -> Option<&mut [u8]> {
+        None
+    }
+}
+
+/// One group of a read window (see [`Client::read_window`]).
+#[derive(Debug)]
+struct WindowGroup {
+    id: u64,
+    /// The next request to send: read index, and bytes of it sent.
+    next: (usize, usize),
+    /// Every request of the group has been sent.
+    sent: bool,
+    /// Requests sent and not yet answered.
+    outstanding: usize,
     error: Option<Error>,
 }
 
@@ -302,6 +360,19 @@ pub struct Client {
     /// Write payload bytes sent and not yet answered, including writes
     /// [`Client::send_writes`] left in flight.
     write_bytes_in_flight: u64,
+    /// How long the server takes to answer reads (see
+    /// [`Client::read_latency`]).
+    round_trips: RoundTrip,
+    /// How long it takes to answer writes, zeroes and trims (see
+    /// [`Client::write_latency`]).
+    write_round_trips: RoundTrip,
+    /// Groups of reads sent by [`Client::read_window`] and not yet
+    /// returned, oldest first.
+    window: std::collections::VecDeque<WindowGroup>,
+    /// Read bytes asked for and not yet answered.
+    read_bytes_in_flight: u64,
+    /// The group the next request is sent for.
+    sending_group: u64,
 }
 
 impl Client {
@@ -391,6 +462,11 @@ impl Client {
             scratch: Vec::new(),
             lent: false,
             write_bytes_in_flight: 0,
+            round_trips: RoundTrip::default(),
+            write_round_trips: RoundTrip::default(),
+            window: std::collections::VecDeque::new(),
+            read_bytes_in_flight: 0,
+            sending_group: NO_GROUP,
         }
     }
 
@@ -473,6 +549,23 @@ impl Client {
         self.reader.get_ref().is_tcp()
     }
 
+    /// How long this server takes to answer a read: the shortest of the
+    /// recent waits for a first reply after reads were sent on an idle
+    /// connection (network round trip plus the server's own time; other
+    /// requests are not counted, as a server may answer block status from
+    /// metadata in microseconds and reads from a disk in milliseconds).
+    /// `None` until a read was answered. A copier sizes the reads it
+    /// keeps in flight by it.
+    pub fn read_latency(&self) -> Option<Duration> {
+        self.round_trips.estimate()
+    }
+
+    /// [`Client::read_latency`] for writes, zeroes and trims: the wait
+    /// for the first reply once their payloads are sent.
+    pub fn write_latency(&self) -> Option<Duration> {
+        self.write_round_trips.estimate()
+    }
+
     /// The connection runs inside TLS.
     pub fn is_tls(&self) -> bool {
         self.reader.get_ref().is_tls()
@@ -549,6 +642,8 @@ impl Client {
         }
         self.in_flight = 0;
         self.write_bytes_in_flight = 0;
+        self.read_bytes_in_flight = 0;
+        self.window.clear();
         self.lent = false;
         e
     }
@@ -701,6 +796,13 @@ impl Client {
         if let Err(e) = self.send_bytes(&header[..hlen], payload, lend) {
             return Err(self.io_error(op, e));
         }
+        match command {
+            NBD_CMD_READ => self.round_trips.sent(self.in_flight, Instant::now()),
+            NBD_CMD_WRITE | NBD_CMD_WRITE_ZEROES | NBD_CMD_TRIM => {
+                self.write_round_trips.sent(self.in_flight, Instant::now());
+            }
+            _ => {}
+        }
         let i = self.free_slot();
         let s = &mut self.slots[i];
         s.busy = true;
@@ -710,6 +812,7 @@ impl Client {
         s.offset = offset;
         s.length = length;
         s.effect = effect;
+        s.group = self.sending_group;
         s.target = target;
         s.buf_start = buf_start;
         s.covered.clear();
@@ -717,6 +820,9 @@ impl Client {
         s.idle_chunks = 0;
         s.error = None;
         self.in_flight += 1;
+        if command == NBD_CMD_READ {
+            self.read_bytes_in_flight += u64::from(length);
+        }
         Ok(())
     }
 
@@ -741,6 +847,15 @@ impl Client {
             reader.get_mut().read_exact(&mut dst[n..])?;
         }
         Ok(())
+    }
+
+    /// The data of a read whose buffer is gone: dropped if the read was
+    /// abandoned with its window; anything else is a bug.
+    fn drop_payload(&mut self, op: Operation, group: u64, n: usize) -> Result<()> {
+        if group == NO_GROUP {
+            return Err(self.protocol(op, "internal error: read target missing"));
+        }
+        self.skip(op, n)
     }
 
     /// Read and drop `n` bytes (a chunk for a context we did not ask for).
@@ -810,10 +925,13 @@ impl Client {
             self.lent = false;
         }
         let error = s.error.take();
-        let (op, length, command) = (s.op, s.length, s.command);
+        let (op, length, command, group) = (s.op, s.length, s.command, s.group);
         if command == NBD_CMD_WRITE {
             self.write_bytes_in_flight =
                 self.write_bytes_in_flight.saturating_sub(u64::from(length));
+        }
+        if command == NBD_CMD_READ {
+            self.read_bytes_in_flight = self.read_bytes_in_flight.saturating_sub(u64::from(length));
         }
         if error.is_none() {
             if command == NBD_CMD_READ && s.covered.as_slice() != [(0, length)] {
@@ -832,15 +950,22 @@ impl Client {
                 return Err(self.protocol(op, "server sent no extents for base:allocation"));
             }
         }
-        Ok(Completed { length, error })
+        Ok(Completed {
+            length,
+            group,
+            error,
+        })
     }
 
     /// Read one reply message (a simple reply or one chunk) and act on it.
     /// Returns the request it completed, if any. Server errors are kept in
     /// the `Completed`; an `Err` means the connection is dead.
-    fn receive<R: ReadRequest>(&mut self, reads: &mut [R]) -> Result<Option<Completed>> {
+    fn receive<T: Targets + ?Sized>(&mut self, reads: &mut T) -> Result<Option<Completed>> {
         let mut h = [0u8; MAX_REPLY_HEADER_LEN];
         self.read_exact(Operation::Reply, &mut h[..4])?;
+        let now = Instant::now();
+        self.round_trips.answered(now);
+        self.write_round_trips.answered(now);
         let hlen = match reply_header_len(&h[..4]) {
             Ok(n) => n,
             Err(e) => return Err(self.protocol(Operation::Reply, e.to_string())),
@@ -896,26 +1021,28 @@ impl Client {
         }
     }
 
-    fn simple_reply<R: ReadRequest>(
+    fn simple_reply<T: Targets + ?Sized>(
         &mut self,
         si: usize,
         r: SimpleReply,
-        reads: &mut [R],
+        reads: &mut T,
     ) -> Result<Completed> {
         let s = &self.slots[si];
-        let (op, command, length, target, start) =
-            (s.op, s.command, s.length, s.target, s.buf_start);
+        let (op, command, length, group, target, start) =
+            (s.op, s.command, s.length, s.group, s.target, s.buf_start);
         if r.error != 0 {
             // No payload follows an error, even for a read.
             let e = self.server_error(si, r.error, "", None);
             self.set_error(si, r.error, e);
         } else if command == NBD_CMD_READ {
-            let Some(req) = reads.get_mut(target) else {
-                return Err(self.protocol(op, "internal error: read target missing"));
-            };
-            let dst = &mut req.buffer()[start..start + length as usize];
-            if let Err(e) = Self::read_payload(&mut self.reader, dst) {
-                return Err(self.io_error(op, e));
+            match reads.buffer(group, target) {
+                Some(buf) => {
+                    let dst = &mut buf[start..start + length as usize];
+                    if let Err(e) = Self::read_payload(&mut self.reader, dst) {
+                        return Err(self.io_error(op, e));
+                    }
+                }
+                None => self.drop_payload(op, group, length as usize)?,
             }
             let s = &mut self.slots[si];
             s.covered.clear();
@@ -953,9 +1080,14 @@ impl Client {
         Ok(rel)
     }
 
-    fn chunk<R: ReadRequest>(&mut self, si: usize, c: &ChunkHeader, reads: &mut [R]) -> Result<()> {
+    fn chunk<T: Targets + ?Sized>(
+        &mut self,
+        si: usize,
+        c: &ChunkHeader,
+        reads: &mut T,
+    ) -> Result<()> {
         let s = &mut self.slots[si];
-        let (op, command, target, start) = (s.op, s.command, s.target, s.buf_start);
+        let (op, command, group, target, start) = (s.op, s.command, s.group, s.target, s.buf_start);
         // Data and hole chunks may not overlap, so there can only be so
         // many; the others are counted and bounded here.
         let covers = matches!(
@@ -997,13 +1129,15 @@ impl Client {
                 // The header decoder bounded length to 9..=32 MiB + 8.
                 let len = c.length - 8;
                 let rel = self.place(si, "data", offset, len)?;
-                let Some(req) = reads.get_mut(target) else {
-                    return Err(self.protocol(op, "internal error: read target missing"));
-                };
-                let from = start + rel as usize;
-                let dst = &mut req.buffer()[from..from + len as usize];
-                if let Err(e) = Self::read_payload(&mut self.reader, dst) {
-                    return Err(self.io_error(op, e));
+                match reads.buffer(group, target) {
+                    Some(buf) => {
+                        let from = start + rel as usize;
+                        let dst = &mut buf[from..from + len as usize];
+                        if let Err(e) = Self::read_payload(&mut self.reader, dst) {
+                            return Err(self.io_error(op, e));
+                        }
+                    }
+                    None => self.drop_payload(op, group, len as usize)?,
                 }
             }
             NBD_REPLY_TYPE_OFFSET_HOLE => {
@@ -1011,11 +1145,13 @@ impl Client {
                 self.read_exact(op, &mut b)?;
                 let hole = OffsetHole::decode(&b).map_err(|e| self.protocol(op, e.to_string()))?;
                 let rel = self.place(si, "hole", hole.offset, hole.length)?;
-                let Some(req) = reads.get_mut(target) else {
-                    return Err(self.protocol(op, "internal error: read target missing"));
-                };
-                let from = start + rel as usize;
-                req.buffer()[from..from + hole.length as usize].fill(0);
+                match reads.buffer(group, target) {
+                    Some(buf) => {
+                        let from = start + rel as usize;
+                        buf[from..from + hole.length as usize].fill(0);
+                    }
+                    None => self.drop_payload(op, group, 0)?,
+                }
             }
             NBD_REPLY_TYPE_BLOCK_STATUS => {
                 if command != NBD_CMD_BLOCK_STATUS {
@@ -1190,6 +1326,7 @@ impl Client {
         max_bytes_in_flight: usize,
     ) -> Result<()> {
         self.check_alive(Operation::Read)?;
+        self.abandon_window()?;
         let max_in_flight = max_in_flight.max(1);
         let max_bytes = max_bytes_in_flight as u64;
         let max_request = self.max_request as usize;
@@ -1242,6 +1379,197 @@ impl Client {
         }
         self.after_batch();
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Fill the buffers of `groups[0]`, keeping reads of the later groups
+    /// in flight meanwhile, so that the server is never idle between
+    /// groups: the requests of every group are sent in order, with at most
+    /// `max_in_flight` requests and `max_bytes_in_flight` bytes of reads
+    /// in flight, and this returns once the first group is complete.
+    ///
+    /// `groups[i]` is group `first + i`. Reads of later groups may still
+    /// be in flight on return; the next call must pass those groups again,
+    /// with the same buffers and requests, starting with the group after
+    /// the one completed (`first + 1`). Any other operation on this
+    /// client ([`Client::abandon_window`]) abandons them: their data is
+    /// read off the connection and dropped.
+    ///
+    /// A server error in a group is returned when that group comes first;
+    /// from the error on, nothing more is sent, and before it is returned
+    /// every reply still due is read and the window is emptied. An `Err`
+    /// for a dead connection empties it too.
+    pub fn read_window<R: ReadRequest>(
+        &mut self,
+        first: u64,
+        groups: &mut [&mut [R]],
+        max_in_flight: usize,
+        max_bytes_in_flight: usize,
+    ) -> Result<()> {
+        self.check_alive(Operation::Read)?;
+        if groups.is_empty() {
+            return Ok(());
+        }
+        if self.window.front().is_some_and(|g| g.id != first) {
+            // The caller lost track of what is in flight: start afresh.
+            self.abandon_window()?;
+        }
+        let known = self.window.len();
+        if known > groups.len() {
+            return Err(self.error(
+                ErrorKind::InvalidInput,
+                Operation::Read,
+                "internal error: read window groups missing",
+            ));
+        }
+        for i in known..groups.len() {
+            self.window.push_back(WindowGroup {
+                id: first + i as u64,
+                next: (0, 0),
+                sent: false,
+                outstanding: 0,
+                error: None,
+            });
+        }
+        let max_in_flight = max_in_flight.max(1);
+        let max_bytes = max_bytes_in_flight as u64;
+        let result = self.run_window(first, groups, max_in_flight, max_bytes);
+        if result.is_err() {
+            // A dead connection was cleared by `kill`; a server error
+            // drains what is left.
+            let _ = self.abandon_window();
+        }
+        result
+    }
+
+    fn run_window<R: ReadRequest>(
+        &mut self,
+        first: u64,
+        groups: &mut [&mut [R]],
+        max_in_flight: usize,
+        max_bytes: u64,
+    ) -> Result<()> {
+        let max_request = self.max_request as usize;
+        loop {
+            self.send_window(groups, max_in_flight, max_bytes, max_request)?;
+            let head = self.window.front().map(|g| {
+                let finished = g.outstanding == 0 && (g.sent || g.error.is_some());
+                (finished, g.error.is_some())
+            });
+            match head {
+                Some((true, _)) => {
+                    let done = self.window.pop_front();
+                    return match done.and_then(|g| g.error) {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    };
+                }
+                Some((false, _)) if self.in_flight > 0 => {}
+                // Nothing in flight and the first group unfinished: only
+                // possible if nothing could be sent.
+                _ => {
+                    return Err(self.error(
+                        ErrorKind::InvalidInput,
+                        Operation::Read,
+                        "internal error: read window stalled",
+                    ));
+                }
+            }
+            let mut targets = WindowTargets { first, groups };
+            if let Some(done) = self.receive(&mut targets)? {
+                if let Some(g) = self.window.iter_mut().find(|g| g.id == done.group) {
+                    g.outstanding = g.outstanding.saturating_sub(1);
+                    if g.error.is_none() {
+                        g.error = done.error;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Send what the window's budget allows, group by group in order;
+    /// nothing once a group has failed.
+    fn send_window<R: ReadRequest>(
+        &mut self,
+        groups: &mut [&mut [R]],
+        max_in_flight: usize,
+        max_bytes: u64,
+        max_request: usize,
+    ) -> Result<()> {
+        if self.window.iter().any(|g| g.error.is_some()) {
+            return Ok(());
+        }
+        for gi in 0..self.window.len() {
+            if self.window[gi].sent {
+                continue;
+            }
+            let id = self.window[gi].id;
+            let Some(reqs) = groups.get_mut(gi) else {
+                break;
+            };
+            let (mut idx, mut pos) = self.window[gi].next;
+            while idx < reqs.len() && self.in_flight < max_in_flight {
+                let offset = reqs[idx].offset();
+                let total = reqs[idx].buffer().len();
+                if pos >= total {
+                    idx += 1;
+                    pos = 0;
+                    continue;
+                }
+                let len = (total - pos).min(max_request);
+                if self.in_flight > 0 && self.read_bytes_in_flight + len as u64 > max_bytes {
+                    break;
+                }
+                let Some(at) = offset.checked_add(pos as u64) else {
+                    return Err(self.error(
+                        ErrorKind::InvalidInput,
+                        Operation::Read,
+                        "offset overflows",
+                    ));
+                };
+                self.sending_group = id;
+                let sent = self.send(
+                    Operation::Read,
+                    NBD_CMD_READ,
+                    0,
+                    at,
+                    len as u64,
+                    &[],
+                    false,
+                    idx,
+                    pos,
+                );
+                self.sending_group = NO_GROUP;
+                sent?;
+                self.window[gi].outstanding += 1;
+                pos += len;
+            }
+            let g = &mut self.window[gi];
+            g.next = (idx, pos);
+            g.sent = idx >= reqs.len();
+            if !g.sent {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Abandon the reads of a [`Client::read_window`] still in flight:
+    /// wait for their replies and drop the data, so that the connection
+    /// can carry other requests.
+    pub fn abandon_window(&mut self) -> Result<()> {
+        if self.window.is_empty() {
+            return Ok(());
+        }
+        let abandoned: Vec<u64> = self.window.drain(..).map(|g| g.id).collect();
+        while self.in_flight > 0
+            && self
+                .slots
+                .iter()
+                .any(|s| s.busy && abandoned.contains(&s.group))
+        {
+            self.receive(&mut Discard)?;
+        }
+        Ok(())
     }
 
     /// Turn the part of `cmd` after its first `done` bytes into the next
@@ -1361,6 +1689,7 @@ impl Client {
         I: IntoIterator<Item = WriteCmd<'a>>,
     {
         self.check_alive(Operation::Write)?;
+        self.abandon_window()?;
         let max_in_flight = max_in_flight.max(1);
         let max_bytes = max_bytes_in_flight as u64;
         let mut ops = ops.into_iter();
@@ -1427,7 +1756,7 @@ impl Client {
             if finished && first_error.is_none() && !self.lent {
                 return Ok(());
             }
-            if let Some(done) = self.receive(&mut none)? {
+            if let Some(done) = self.receive(&mut none[..])? {
                 if first_error.is_none() {
                     first_error = done.error;
                 }
@@ -1447,22 +1776,25 @@ impl Client {
         length: u64,
     ) -> Result<()> {
         self.check_alive(op)?;
+        self.abandon_window()?;
         self.send(op, command, flags, offset, length, &[], false, 0, 0)?;
         self.settle()
     }
 
     /// Wait for every reply still due (see [`Client::send_writes`]);
-    /// returns the first server error among them. Reads are never left in
-    /// flight, so no reply read here carries data.
+    /// returns the first server error among them. Reads of a window still
+    /// in flight are abandoned first (see [`Client::read_window`]), so no
+    /// reply read here carries data.
     pub fn settle(&mut self) -> Result<()> {
         if self.in_flight == 0 {
             return Ok(());
         }
         self.check_alive(Operation::Write)?;
+        self.abandon_window()?;
         let mut none: [(u64, &mut [u8]); 0] = [];
         let mut first_error = None;
         while self.in_flight > 0 {
-            if let Some(done) = self.receive(&mut none)? {
+            if let Some(done) = self.receive(&mut none[..])? {
                 if first_error.is_none() {
                     first_error = done.error;
                 }

@@ -15,6 +15,8 @@
 //!   `base:allocation`, `NBD_OPT_GO` with block sizes, `NBD_OPT_EXPORT_NAME`
 //!   fallback);
 //! - [`client`]: one connection with pipelined requests;
+//! - [`round_trip`]: how long the server takes to answer, from the
+//!   replies themselves;
 //! - [`uri`]: `nbd://`, `nbd+unix://`, `nbd+vsock://`, `nbd+ssh://`
 //!   and their `nbds` forms;
 //! - [`ssh`]: the ssh child process an `nbd+ssh` connection runs through;
@@ -30,6 +32,7 @@ pub mod block_size;
 pub mod client;
 pub mod error;
 pub mod handshake;
+pub mod round_trip;
 pub mod splice;
 pub mod ssh;
 pub mod tls;

@@ -1091,3 +1091,149 @@ fn extended_zero_and_trim_requests_cover_more_than_4_gib() {
     drop(c);
     server.join().unwrap().unwrap();
 }
+
+/// Groups of `count` reads of `len` bytes each, from offset `from`.
+fn read_groups(from: u64, groups: usize, count: usize, len: usize) -> Vec<Vec<(u64, Vec<u8>)>> {
+    (0..groups)
+        .map(|g| {
+            (0..count)
+                .map(|i| {
+                    let at = from + ((g * count + i) * len) as u64;
+                    (at, vec![0xaa; len])
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_read_window_keeps_later_groups_in_flight_and_fills_every_buffer() {
+    let server = start(1 << 20, |c| c.holes = true);
+    let data = pattern(1 << 20, 3);
+    server.fill(0, &data);
+    server.fill(40_000, &[0u8; 20_000]);
+    let mut expect = data.clone();
+    expect[40_000..60_000].fill(0);
+    let mut c = connect(&server);
+    let mut groups = read_groups(1000, 6, 4, 9000);
+    // The caller's loop: pass every group not yet returned, oldest first,
+    // and take the first back complete.
+    let mut first = 0u64;
+    let mut in_flight_while_returning = 0;
+    while (first as usize) < groups.len() {
+        let window_end = (first as usize + 3).min(groups.len());
+        let mut reqs: Vec<Vec<(u64, &mut [u8])>> = groups[first as usize..window_end]
+            .iter_mut()
+            .map(|g| g.iter_mut().map(|(o, b)| (*o, b.as_mut_slice())).collect())
+            .collect();
+        let mut slices: Vec<&mut [(u64, &mut [u8])]> =
+            reqs.iter_mut().map(|g| g.as_mut_slice()).collect();
+        c.read_window(first, &mut slices, 6, 1 << 20).unwrap();
+        in_flight_while_returning = in_flight_while_returning.max(c.in_flight);
+        for (o, b) in &groups[first as usize] {
+            let o = *o as usize;
+            assert_eq!(&b[..], &expect[o..o + b.len()], "group {first} offset {o}");
+        }
+        first += 1;
+    }
+    assert_eq!(c.in_flight, 0);
+    assert!(c.window.is_empty());
+    // Later groups' reads were still in flight when a group came back,
+    // and the request bound held throughout.
+    assert!(in_flight_while_returning > 0);
+    assert!(server.max_pending() <= 6, "{}", server.max_pending());
+    assert_eq!(server.requests().len(), 24);
+}
+
+#[test]
+fn the_read_window_is_bounded_in_bytes_across_calls() {
+    let server = start(1 << 20, |_| {});
+    let mut c = connect(&server);
+    let mut groups = read_groups(0, 2, 4, 65536);
+    let mut reqs: Vec<Vec<(u64, &mut [u8])>> = groups
+        .iter_mut()
+        .map(|g| g.iter_mut().map(|(o, b)| (*o, b.as_mut_slice())).collect())
+        .collect();
+    let mut slices: Vec<&mut [(u64, &mut [u8])]> =
+        reqs.iter_mut().map(|g| g.as_mut_slice()).collect();
+    c.read_window(0, &mut slices, 64, 3 * 65536).unwrap();
+    assert!(c.read_bytes_in_flight <= 3 * 65536);
+    assert!(server.max_pending() <= 3, "{}", server.max_pending());
+    c.read_window(1, &mut slices[1..], 64, 3 * 65536).unwrap();
+    assert_eq!(c.read_bytes_in_flight, 0);
+}
+
+#[test]
+fn other_requests_abandon_the_window_and_the_connection_stays_usable() {
+    // Replies in order: the later groups are surely unanswered when the
+    // first comes back.
+    let server = start(1 << 20, |c| c.reorder = false);
+    let data = pattern(1 << 20, 5);
+    server.fill(0, &data);
+    let mut c = connect(&server);
+    let mut groups = read_groups(0, 3, 2, 65536);
+    {
+        let mut reqs: Vec<Vec<(u64, &mut [u8])>> = groups
+            .iter_mut()
+            .map(|g| g.iter_mut().map(|(o, b)| (*o, b.as_mut_slice())).collect())
+            .collect();
+        let mut slices: Vec<&mut [(u64, &mut [u8])]> =
+            reqs.iter_mut().map(|g| g.as_mut_slice()).collect();
+        c.read_window(0, &mut slices, 64, 1 << 20).unwrap();
+    }
+    assert!(
+        c.in_flight > 0,
+        "later groups should still be in flight: {:?}",
+        c.window
+    );
+    // A plain read drops them: their data is read off and thrown away.
+    let mut b = vec![0u8; 4096];
+    c.read_many(&mut [(500_000u64, b.as_mut_slice())], 4, 1 << 20)
+        .unwrap();
+    assert_eq!(&b[..], &data[500_000..504_096]);
+    assert!(c.window.is_empty());
+    assert_eq!(c.in_flight, 0);
+    // The abandoned buffers were not written.
+    assert!(groups[2].iter().all(|(_, b)| b.iter().all(|&x| x == 0xaa)));
+    // A window that starts over with other ids is fine too.
+    let mut reqs: Vec<Vec<(u64, &mut [u8])>> = groups[1..]
+        .iter_mut()
+        .map(|g| g.iter_mut().map(|(o, b)| (*o, b.as_mut_slice())).collect())
+        .collect();
+    let mut slices: Vec<&mut [(u64, &mut [u8])]> =
+        reqs.iter_mut().map(|g| g.as_mut_slice()).collect();
+    c.read_window(7, &mut slices, 64, 1 << 20).unwrap();
+    c.read_window(8, &mut slices[1..], 64, 1 << 20).unwrap();
+    for g in &groups[1..] {
+        for (o, b) in g {
+            let o = *o as usize;
+            assert_eq!(&b[..], &data[o..o + b.len()]);
+        }
+    }
+}
+
+#[test]
+fn a_server_error_in_a_later_group_is_returned_with_that_group() {
+    let server = start(1 << 20, |c| c.fail_at = Some(300_000));
+    let mut c = connect(&server);
+    // Groups of 4 x 32 KiB: group 2 covers 262144..393216.
+    let mut groups = read_groups(0, 4, 4, 32768);
+    let mut reqs: Vec<Vec<(u64, &mut [u8])>> = groups
+        .iter_mut()
+        .map(|g| g.iter_mut().map(|(o, b)| (*o, b.as_mut_slice())).collect())
+        .collect();
+    let mut slices: Vec<&mut [(u64, &mut [u8])]> =
+        reqs.iter_mut().map(|g| g.as_mut_slice()).collect();
+    c.read_window(0, &mut slices, 64, 1 << 20).unwrap();
+    c.read_window(1, &mut slices[1..], 64, 1 << 20).unwrap();
+    let e = c.read_window(2, &mut slices[2..], 64, 1 << 20).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Server);
+    assert_eq!(e.offset(), Some(294_912));
+    // Everything still due was read; the connection carries on.
+    assert_eq!(c.in_flight, 0);
+    assert!(c.window.is_empty());
+    assert!(!c.is_dead());
+    let mut b = vec![0u8; 512];
+    c.read_many(&mut [(0u64, b.as_mut_slice())], 4, 1 << 20)
+        .unwrap();
+}
