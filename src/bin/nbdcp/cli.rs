@@ -389,7 +389,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
     }
     let cancel = CancelToken::new();
     if let Err(e) = signals::install(cancel.clone()) {
-        eprintln!("nbdcp: {e}");
+        say!("nbdcp: {e}");
         return EXIT_FAILURE;
     }
     inv.options.cancel = cancel;
@@ -454,7 +454,7 @@ fn conclude(inv: &Invocation, shown: &Shown, result: nbdcp::Result<CopyStats>) -
     match result {
         Ok(stats) if stats.already_complete => {
             if let Some(journal) = &inv.options.journal {
-                eprintln!(
+                say!(
                     "nbdcp: journal {}: the copy is already complete; nothing to do",
                     journal.display()
                 );
@@ -469,7 +469,7 @@ fn conclude(inv: &Invocation, shown: &Shown, result: nbdcp::Result<CopyStats>) -
             if let Some(b) = &shown.bar {
                 b.finish(Outcome::Stopped);
             }
-            eprintln!("nbdcp: {e}");
+            say!("nbdcp: {e}");
             let status = match e.kind() {
                 ErrorKind::Usage => EXIT_USAGE,
                 ErrorKind::Mismatch => EXIT_MISMATCH,
@@ -494,7 +494,7 @@ fn succeeded(inv: &Invocation, shown: &Shown, stats: &CopyStats) -> i32 {
     if inv.options.verify {
         if let Some(hash) = &stats.blkhash {
             let spec = inv.options.blkhash.unwrap_or_default();
-            eprintln!(
+            say!(
                 "nbdcp: verified: the destination matches the source, {}/{} blkhash {}",
                 spec.algorithm,
                 human_size(spec.block_size),
@@ -508,7 +508,7 @@ fn succeeded(inv: &Invocation, shown: &Shown, stats: &CopyStats) -> i32 {
         inv.options.blkhash.is_some() || (inv.options.verify && inv.blkhash_file.is_some());
     if let Some(hash) = stats.blkhash.as_ref().filter(|_| wanted) {
         if let Err(msg) = write_blkhash(hash, inv.blkhash_file.as_deref()) {
-            eprintln!("nbdcp: {msg}");
+            say!("nbdcp: {msg}");
             if let Some(j) = &shown.json {
                 j.error(&msg, None, EXIT_FAILURE);
             }

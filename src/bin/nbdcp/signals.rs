@@ -41,7 +41,7 @@ static ANNOUNCED: AtomicBool = AtomicBool::new(false);
 /// in time) gets there first.
 pub fn announce(sig: i32) {
     if !ANNOUNCED.swap(true, Ordering::SeqCst) {
-        eprintln!("nbdcp: interrupted by signal {sig}");
+        say!("nbdcp: interrupted by signal {sig}");
     }
 }
 
