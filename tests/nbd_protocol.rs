@@ -415,6 +415,97 @@ fn requests_in_flight_are_bounded() {
     }
 }
 
+/// Bytes of reads in flight at once on `connection`, the most seen.
+fn max_read_bytes_in_flight(log: &[LogEntry], connection: u64) -> u64 {
+    let mut events: Vec<(usize, i64)> = Vec::new();
+    for e in log
+        .iter()
+        .filter(|e| e.connection == connection && e.command == LogCommand::Read)
+    {
+        let len = e.count as i64;
+        events.push((e.line, len));
+        events.push((e.done_line.unwrap_or(usize::MAX), -len));
+    }
+    events.sort();
+    let (mut now, mut max) = (0i64, 0i64);
+    for (_, delta) in events {
+        now += delta;
+        max = max.max(now);
+    }
+    max as u64
+}
+
+/// A server slow to answer, on one connection (nbdkit does not advertise
+/// multi-conn): the reads of several batches are in flight at once, so
+/// the server is never idle between batches, and the destination's
+/// writes of several batches too, within -R and --queue-size. Before,
+/// one connection kept one 2 MiB batch in flight whatever -R said.
+#[test]
+fn slow_servers_get_several_batches_in_flight_on_one_connection() {
+    require("qemu-img");
+    let size = 48 * MIB;
+    // multi-conn outside delay: the other way round nbdkit 1.32
+    // finalizes the multi-conn filter twice and aborts.
+    let slow = ["--filter=multi-conn", "--filter=delay"];
+    let mut src_args = slow.to_vec();
+    src_args.extend(["pattern", "48M", "delay-read=20ms"]);
+    let mut dst_args = slow.to_vec();
+    dst_args.extend(["memory", "48M", "delay-write=20ms", "delay-zero=20ms"]);
+    for args in [&mut src_args, &mut dst_args] {
+        args.push("multi-conn-mode=disable");
+    }
+    let source = Server::nbdkit_logged(&src_args);
+    let dest = Server::nbdkit_logged(&dst_args);
+    let queue = 8 * MIB;
+    run_ok(&[
+        "-C1",
+        "--queue-size",
+        "8M",
+        "--request-size",
+        "1M",
+        &source.uri(),
+        &dest.uri(),
+    ]);
+    let slog = source.wait_log_idle();
+    let dlog = dest.wait_log_idle();
+    assert_destination_log(&dlog, true);
+    assert_eq!(active_connections(&slog).len(), 1);
+    assert_eq!(active_connections(&dlog).len(), 1);
+    let conn = active_connections(&slog)[0];
+    // 1 MiB reads in 2 MiB batches: more than two in flight means more
+    // than one batch; the queue bounds their bytes.
+    let reads = max_in_flight(&slog, conn);
+    let read_bytes = max_read_bytes_in_flight(&slog, conn);
+    assert!(reads > 2, "at most {reads} reads in flight at once");
+    assert!(read_bytes <= queue, "{read_bytes} bytes of reads in flight");
+    // One merged write a batch: more than one in flight means writes of
+    // several batches.
+    let dconn = active_connections(&dlog)[0];
+    let writes = max_in_flight(&dlog, dconn);
+    assert!(writes > 1, "at most {writes} writes in flight at once");
+    let d = tmp();
+    let back = d.path().join("back.raw");
+    read_back(&dest.uri(), &back, size);
+    assert_file_is(&back, &pattern_bytes(size));
+}
+
+/// A source slow to answer reads gets -C workers, not one more than the
+/// cores: its workers mostly wait.
+#[test]
+fn a_slow_source_gets_every_connection() {
+    let source = Server::nbdkit_logged(&[
+        "--filter=multi-conn",
+        "--filter=delay",
+        "pattern",
+        "1G",
+        "delay-read=5ms",
+        "multi-conn-mode=disable",
+    ]);
+    run_ok(&["-C4", &source.uri(), "null:"]);
+    let log = source.wait_log_idle();
+    assert_eq!(active_connections(&log).len(), 4);
+}
+
 /// --request-size bounds the reads from the source.
 #[test]
 fn request_size_bounds_source_reads() {
@@ -447,8 +538,13 @@ fn default_request_size_depends_on_the_transport() {
     for (server, size) in [(unix, MIB), (tcp, 256 * 1024)] {
         run_ok(&[&server.uri(), "null:"]);
         let log = server.wait_log_idle();
-        let reads = requests_of(&log, LogCommand::Read);
+        let mut reads = requests_of(&log, LogCommand::Read);
         assert!(covers(&reads, 0, 8 * MIB));
+        // Before the copy one 4 KiB read at 0 times the source (a slow
+        // one gets more workers).
+        if reads.first().is_some_and(|r| (r.offset, r.count) == (0, 4096)) {
+            reads.remove(0);
+        }
         let sizes: Vec<u64> = reads.iter().map(|r| r.count).collect();
         assert!(
             sizes.iter().all(|&n| n == size),

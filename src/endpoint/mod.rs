@@ -210,6 +210,13 @@ pub trait Endpoint: Send {
         BlockSize::default()
     }
 
+    /// How long this endpoint's peer recently took to answer a read, if
+    /// it has one and has answered: the engine keeps more reads in flight
+    /// the longer it is. `None` for local files and pipes.
+    fn read_latency(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Fill `buf` from `offset`. A short read (end of stream) is an error,
     /// except for sequential sources, which use [`Endpoint::read_stream`].
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()>;
@@ -232,6 +239,29 @@ pub trait Endpoint: Send {
         for op in ops.iter_mut() {
             self.read_at(op.buf, op.offset)?;
         }
+        Ok(())
+    }
+
+    /// Read the batches of `batches` in order, keeping the later ones'
+    /// reads in flight meanwhile, and return once `batches[0]` is filled.
+    /// `batches[i]` is batch `first + i`: the next call passes the batches
+    /// not yet returned again, with the same buffers, starting with
+    /// `first + 1`, and may add more at the end. Any other call abandons
+    /// reads left in flight ([`Endpoint::abandon_reads`]). Network
+    /// endpoints keep the server busy between batches this way; the
+    /// default reads the first batch alone.
+    fn read_ahead(&mut self, first: u64, batches: &mut [Vec<ReadOp<'_>>]) -> Result<()> {
+        let _ = first;
+        match batches.first_mut() {
+            Some(batch) => self.read_batch(batch),
+            None => Ok(()),
+        }
+    }
+
+    /// Drop the reads [`Endpoint::read_ahead`] left in flight (their
+    /// batches will not be passed again): wait for them and discard the
+    /// data.
+    fn abandon_reads(&mut self) -> Result<()> {
         Ok(())
     }
 

@@ -180,6 +180,55 @@ fn resume(
     Ok(journal.complete())
 }
 
+/// Time one small read of a server source before the plan, when its
+/// answer could change the number of workers (a slow source gets `-C`,
+/// see [`plan::SLOW_SOURCE`]): one round trip. A refused read is left for
+/// the copy to meet; a failed connection fails the copy as its first
+/// request would.
+fn sample_read_latency(source: &mut dyn Endpoint, options: &CopyOptions) -> Result<()> {
+    let could_matter = source.tuning().waits_on_peer
+        && options.threads == 0
+        && !options.synchronous
+        && options.connections > cores() + 1
+        && !source.capabilities().sequential
+        && source.read_latency().is_none();
+    let Some(size) = source.size().filter(|&s| s > 0 && could_matter) else {
+        return Ok(());
+    };
+    // Whole minimum blocks, and the export holds at least one.
+    let minimum = u64::from(source.block_size().minimum.max(1));
+    let len = minimum.max(4096).min(size);
+    let mut probe = vec![0u8; len as usize];
+    // A server that does not answer must not hold up a cancel: the read
+    // is broken off at once (the copy then ends as cancelled).
+    let _linked = source
+        .interrupter()
+        .map(|i| options.cancel.on_cancel(move || i.interrupt()));
+    let Err(e) = source.read_at(&mut probe, 0) else {
+        return Ok(());
+    };
+    if options.cancel.is_cancelled() {
+        return Err(Error::new(ErrorKind::Cancelled, "copy cancelled"));
+    }
+    match e.kind() {
+        // The server refused this one read: the connection is fine, and
+        // the copy meets the refusal where it matters.
+        ErrorKind::Server | ErrorKind::Unsupported => {
+            log::debug!("{e}");
+            Ok(())
+        }
+        // The connection failed: as any first request would, within the
+        // retries the user allows.
+        ErrorKind::Io | ErrorKind::Timeout
+            if options.retries > 0 && source.capabilities().reconnect =>
+        {
+            log::warn!("{e}; reconnecting");
+            source.reconnect().map_err(|_| e)
+        }
+        _ => Err(e),
+    }
+}
+
 fn run(
     mut source: Box<dyn Endpoint>,
     mut destination: Box<dyn Endpoint>,
@@ -189,6 +238,7 @@ fn run(
     let options = &*effective(options);
     let started = Instant::now();
     let resuming = journal.as_ref().is_some_and(Journal::started);
+    sample_read_latency(source.as_mut(), options)?;
     let mut plan = Plan::new(
         &Side::of(source.as_ref()),
         &Side::of(destination.as_ref()),

@@ -3,6 +3,8 @@
 //! workers, flushing. Pure: no I/O, so every rule has a table test below.
 //! The orchestration in [`super`] only reads the plan.
 
+use std::time::Duration;
+
 use crate::blkhash::BlkhashSpec;
 use crate::endpoint::{BlockSize, Capabilities, Endpoint, Tuning};
 use crate::error::{Error, ErrorKind, Result};
@@ -35,6 +37,8 @@ pub struct Side {
     pub tuning: Tuning,
     /// Its request constraints.
     pub block_size: BlockSize,
+    /// How long its server took to answer a read, if it was asked.
+    pub read_latency: Option<Duration>,
 }
 
 impl Side {
@@ -46,6 +50,7 @@ impl Side {
             capabilities: endpoint.capabilities(),
             tuning: endpoint.tuning(),
             block_size: endpoint.block_size(),
+            read_latency: endpoint.read_latency(),
         }
     }
 }
@@ -150,25 +155,44 @@ fn auto_request_size(source: &Tuning, destination: &Tuning, options: &CopyOption
 /// 0.96 times, qemu-nbd to a file and to `null:` the same. Copies from a
 /// local file are CPU work: 3 workers took 1.15 times as long file to file
 /// and 1.04 times file to qemu-nbd, so they keep one per core.
-fn worker_limit(options: &CopyOptions, source_waits: bool, cores: usize) -> usize {
+///
+/// A source slower to answer than [`SLOW_SOURCE`] leaves workers waiting
+/// rather than computing, so the cores do not bound them: `-C` does.
+fn worker_limit(options: &CopyOptions, source: &Side, cores: usize) -> usize {
     if options.synchronous {
         return 1;
     }
-    let threads = if options.threads == 0 {
-        cores + usize::from(source_waits)
-    } else {
-        options.threads
+    let slow = source.read_latency.is_some_and(|l| l >= SLOW_SOURCE);
+    let threads = match options.threads {
+        0 if slow => options.connections,
+        0 => cores + usize::from(source.tuning.waits_on_peer),
+        threads => threads,
     };
     options.connections.min(threads).max(1)
 }
 
-/// Bytes of data per batch. Batches exist to keep requests in flight;
+/// A source that takes at least this long to answer a read gets `-C`
+/// workers whatever the cores. Measured on 2 cores, nbdkit `pattern 2G`
+/// with reads delayed, to `null:` (one run each): at 2 ms 3 workers took
+/// 0.85 s and 4 workers 0.75 s (nbdcopy 1.24-1.56 s); at 10 ms 1.45 s and
+/// 1.20 s (nbdcopy 5.3 s). On loopback a read is answered in well under
+/// 1 ms, and CPU, not waiting, decides.
+pub const SLOW_SOURCE: Duration = Duration::from_millis(1);
+
+/// Bytes of data per batch, and the most bytes of reads a worker keeps in
+/// flight, in several batches, for peers slow to answer (see
+/// [`Limits::read_depth`]). Batches exist to keep requests in flight;
 /// local files and pipes take one request at a time, and a batch of one
 /// request stays in cache.
-fn batch_bytes(source: &Side, destination: &Side, options: &CopyOptions, chunk: usize) -> usize {
+fn batch_bytes(
+    source: &Side,
+    destination: &Side,
+    options: &CopyOptions,
+    chunk: usize,
+) -> (usize, usize) {
     let pipelined = source.tuning.waits_on_peer || destination.tuning.waits_on_peer;
     if !pipelined {
-        return chunk;
+        return (chunk, chunk);
     }
     // A queue smaller than one request is raised to it, as nbdcopy does.
     let queue = options.queue_size.max(chunk);
@@ -180,7 +204,8 @@ fn batch_bytes(source: &Side, destination: &Side, options: &CopyOptions, chunk: 
     };
     let target = in_flight.min(BATCH_TARGET);
     let hinted = smallest_hint(source.tuning.batch_size, destination.tuning.batch_size);
-    hinted.map_or(target, |hint| hint.min(target)).max(chunk)
+    let batch = hinted.map_or(target, |hint| hint.min(target)).max(chunk);
+    (batch, in_flight.max(batch))
 }
 
 /// How the source is walked: segments over the range to copy (all of a
@@ -249,7 +274,7 @@ fn shape(
     let workers = if destination.capabilities.sequential {
         1
     } else {
-        worker_limit(options, source.tuning.waits_on_peer, cores)
+        worker_limit(options, source, cores)
     };
     Ok(Shape::Segments {
         start,
@@ -342,6 +367,7 @@ impl Plan {
         // copy-sparse-allocated.sh writes whole 32 KiB extents).
         let zero_scan =
             options.sparse_size != 0 && destination.tuning.zero_scan && !options.allocated;
+        let (batch_bytes, most_in_flight) = batch_bytes(source, destination, options, chunk);
         let mut limits = Limits {
             chunk,
             requests: if options.synchronous {
@@ -349,7 +375,8 @@ impl Plan {
             } else {
                 options.requests
             },
-            batch_bytes: batch_bytes(source, destination, options, chunk),
+            batch_bytes,
+            most_in_flight,
             sparse: if zero_scan {
                 options.sparse_size.next_multiple_of(dmin as usize)
             } else {
@@ -416,6 +443,7 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::options::{DEFAULT_CONNECTIONS, DEFAULT_QUEUE_SIZE};
 
     const CORES: usize = 2;
 
@@ -430,6 +458,7 @@ mod tests {
             },
             tuning: Tuning::default(),
             block_size: BlockSize::default(),
+            read_latency: None,
         }
     }
 
@@ -452,6 +481,14 @@ mod tests {
         }
     }
 
+    /// An NBD source that answered a read in `latency`.
+    fn slow(latency: Duration) -> Side {
+        Side {
+            read_latency: Some(latency),
+            ..nbd(Some(G), false)
+        }
+    }
+
     fn null() -> Side {
         Side {
             name: "null:".into(),
@@ -465,6 +502,7 @@ mod tests {
                 ..Tuning::default()
             },
             block_size: BlockSize::default(),
+            read_latency: None,
         }
     }
 
@@ -481,6 +519,7 @@ mod tests {
                 ..Tuning::default()
             },
             block_size: BlockSize::default(),
+            read_latency: None,
         }
     }
 
@@ -609,6 +648,19 @@ mod tests {
             ),
             // A sequential destination takes bytes in order: one worker.
             (nbd(Some(G), false), pipe(), d.clone(), 1),
+            // A source slow to answer gets -C workers unless -T says...
+            (slow(SLOW_SOURCE), null(), d.clone(), DEFAULT_CONNECTIONS),
+            (
+                slow(SLOW_SOURCE * 10),
+                null(),
+                with(|o| o.connections = 8),
+                8,
+            ),
+            (slow(SLOW_SOURCE), null(), with(|o| o.threads = 2), 2),
+            (slow(SLOW_SOURCE), pipe(), d.clone(), 1),
+            (slow(SLOW_SOURCE), null(), with(|o| o.synchronous = true), 1),
+            // ...and one quicker than that is CPU work.
+            (slow(SLOW_SOURCE / 2), null(), d.clone(), CORES + 1),
         ];
         for (i, (s, dst, o, want)) in cases.iter().enumerate() {
             match plan(s, dst, o).shape {
@@ -621,10 +673,27 @@ mod tests {
     #[test]
     fn batches_are_one_request_unless_a_side_waits_on_a_peer() {
         let d = CopyOptions::default();
-        let cases: &[(Side, Side, CopyOptions, usize)] = &[
-            (file(Some(G)), file(None), d.clone(), DEFAULT_REQUEST_SIZE),
-            (nbd(Some(G), false), null(), d.clone(), BATCH_TARGET),
-            (nbd(Some(G), true), null(), d.clone(), 512 << 10),
+        let half_queue = DEFAULT_QUEUE_SIZE / 2;
+        // (source, destination, options) -> (batch, most reads in flight)
+        let cases: &[(Side, Side, CopyOptions, (usize, usize))] = &[
+            (
+                file(Some(G)),
+                file(None),
+                d.clone(),
+                (DEFAULT_REQUEST_SIZE, DEFAULT_REQUEST_SIZE),
+            ),
+            (
+                nbd(Some(G), false),
+                null(),
+                d.clone(),
+                (BATCH_TARGET, half_queue),
+            ),
+            (
+                nbd(Some(G), true),
+                null(),
+                d.clone(),
+                (512 << 10, half_queue),
+            ),
             // Half the queue each for the reading and the writing half...
             (
                 nbd(Some(G), false),
@@ -633,7 +702,7 @@ mod tests {
                     o.queue_size = 1 << 20;
                     o.request_size = Some(64 << 10)
                 }),
-                512 << 10,
+                (512 << 10, 512 << 10),
             ),
             // ...all of it when synchronous; never less than one request.
             (
@@ -644,12 +713,22 @@ mod tests {
                     o.request_size = Some(64 << 10);
                     o.synchronous = true
                 }),
-                1 << 20,
+                (1 << 20, 1 << 20),
             ),
-            (pipe(), nbd(Some(G), false), d.clone(), 1 << 20),
+            (
+                pipe(),
+                nbd(Some(G), false),
+                d.clone(),
+                (1 << 20, half_queue),
+            ),
         ];
         for (i, (s, dst, o, want)) in cases.iter().enumerate() {
-            assert_eq!(plan(s, dst, o).limits.batch_bytes, *want, "case {i}");
+            let limits = plan(s, dst, o).limits;
+            assert_eq!(
+                (limits.batch_bytes, limits.most_in_flight),
+                *want,
+                "case {i}"
+            );
         }
     }
 

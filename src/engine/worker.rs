@@ -13,6 +13,7 @@
 //! that restarts may lose writes it acknowledged but never flushed, and a
 //! flushed segment never needs redoing.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -373,7 +374,10 @@ pub(crate) fn run(
     destination: &mut dyn Endpoint,
     segments: &Receiver<Segment>,
 ) {
-    let mut ring = [Batch::default(), Batch::default()];
+    // Batches reading, one being written and one waiting for the writer.
+    let mut ring: Vec<Batch> = (0..shared.limits.most_read_depth() + 2)
+        .map(|_| Batch::default())
+        .collect();
     let result = (|| -> Result<()> {
         for segment in segments.iter() {
             shared.check_cancelled()?;
@@ -393,7 +397,7 @@ fn copy_with_retries(
     source: &mut dyn Endpoint,
     destination: &mut dyn Endpoint,
     segment: Segment,
-    ring: &mut [Batch; 2],
+    ring: &mut [Batch],
 ) -> Result<()> {
     let mut attempt = 0;
     loop {
@@ -558,7 +562,7 @@ fn copy_segment(
     source: &mut dyn Endpoint,
     destination: &mut dyn Endpoint,
     segment: Segment,
-    ring: &mut [Batch; 2],
+    ring: &mut [Batch],
     attempt: &mut Attempt,
 ) -> Result<(), Failure> {
     let Attempt {
@@ -577,13 +581,14 @@ fn copy_segment(
         .map(|e| e.length)
         .sum();
     let mut cursor = Cursor::new(extents);
+    let limits = &shared.limits;
     // Overlapping needs a second thread; a segment with at most one batch
     // of data (most of a mostly empty disk) has nothing to overlap.
-    if !shared.overlap || data <= shared.limits.batch_bytes as u64 {
+    if !shared.overlap || data <= limits.batch_bytes as u64 || ring.len() < 2 {
         let batch = &mut ring[0];
         while !cursor.is_done() {
             shared.check_cancelled().map_err(on(Side::Source))?;
-            cursor.fill(batch, &shared.limits);
+            cursor.fill(batch, limits);
             read_batch(shared, source, batch).map_err(on(Side::Source))?;
             let n = write_and_hash(shared, destination, batch, hash, hash_only)
                 .map_err(on(Side::Destination))?;
@@ -592,12 +597,11 @@ fn copy_segment(
         return Ok(());
     }
 
-    let (full_tx, full_rx) = bounded::<&mut Batch>(2);
-    let (free_tx, free_rx) = bounded::<&mut Batch>(2);
-    for batch in ring.iter_mut() {
-        // Cannot fail: the channel has room for both and the receiver lives.
-        let _ = free_tx.send(batch);
-    }
+    let (full_tx, full_rx) = bounded::<&mut Batch>(ring.len());
+    let (free_tx, free_rx) = bounded::<&mut Batch>(ring.len());
+    // Batches enter the ring only as the read depth needs them: a fast
+    // path circulates two and never touches the others' memory.
+    let mut spare: Vec<&mut Batch> = ring.iter_mut().collect();
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<(), Failure> {
             for batch in full_rx.iter() {
@@ -611,21 +615,65 @@ fn copy_segment(
             }
             Ok(())
         });
+        let mut reading: VecDeque<&mut Batch> = VecDeque::new();
         let reader = (|| -> Result<(), Failure> {
-            while !cursor.is_done() {
+            // The id of `reading[0]` for the source's read-ahead.
+            let mut first = 0u64;
+            let mut circulating = 0usize;
+            loop {
                 shared.check_cancelled().map_err(on(Side::Source))?;
-                // The writer gone means it failed; its error comes from join.
-                let Ok(batch) = free_rx.recv() else {
+                // Keep as many batches reading as the source's latency
+                // asks for, each filled and paced before its reads go out.
+                let depth = limits.read_depth(source.read_latency());
+                while !cursor.is_done() && reading.len() < depth {
+                    let batch = if let Ok(batch) = free_rx.try_recv() {
+                        batch
+                    } else if let Some(batch) =
+                        (circulating < depth + 2).then(|| spare.pop()).flatten()
+                    {
+                        circulating += 1;
+                        batch
+                    } else if reading.is_empty() {
+                        match free_rx.recv() {
+                            Ok(batch) => batch,
+                            // The writer gone means it failed; its error
+                            // comes from join.
+                            Err(_) => return Ok(()),
+                        }
+                    } else {
+                        break;
+                    };
+                    cursor.fill(batch, limits);
+                    let bytes = batch.read_ops().iter().map(|r| r.buf.len() as u64).sum();
+                    shared.pace(bytes);
+                    reading.push_back(batch);
+                }
+                if reading.is_empty() {
+                    return Ok(());
+                }
+                let mut groups: Vec<Vec<crate::endpoint::ReadOp<'_>>> =
+                    reading.iter_mut().map(|b| b.read_ops()).collect();
+                let read = source.read_ahead(first, &mut groups);
+                drop(groups);
+                read.map_err(on(Side::Source))?;
+                first += 1;
+                let Some(batch) = reading.pop_front() else {
                     return Ok(());
                 };
-                cursor.fill(batch, &shared.limits);
-                read_batch(shared, source, batch).map_err(on(Side::Source))?;
+                batch.plan_writes(limits);
                 if full_tx.send(batch).is_err() {
                     return Ok(());
                 }
             }
-            Ok(())
         })();
+        if !reading.is_empty() {
+            // Stopped with reads in flight (a failure on either side, or
+            // cancelled): the source must not answer them into a later
+            // attempt. A dead connection is reconnected by that attempt.
+            if let Err(e) = source.abandon_reads() {
+                log::debug!("{e}");
+            }
+        }
         drop(full_tx);
         let written = match writer.join() {
             Ok(r) => r,
