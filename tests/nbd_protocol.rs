@@ -542,7 +542,10 @@ fn default_request_size_depends_on_the_transport() {
         assert!(covers(&reads, 0, 8 * MIB));
         // Before the copy one 4 KiB read at 0 times the source (a slow
         // one gets more workers).
-        if reads.first().is_some_and(|r| (r.offset, r.count) == (0, 4096)) {
+        if reads
+            .first()
+            .is_some_and(|r| (r.offset, r.count) == (0, 4096))
+        {
             reads.remove(0);
         }
         let sizes: Vec<u64> = reads.iter().map(|r| r.count).collect();

@@ -562,7 +562,10 @@ impl Endpoint for NbdEndpoint {
         let wait = extra_connection_wait(self.handshake_time);
         let timeout = Some(self.target.opts.timeout.map_or(wait, |t| t.min(wait)));
         match NbdEndpoint::open(self.target.clone(), timeout) {
-            Ok(ep) => Ok(Some(Box::new(ep))),
+            Ok(mut ep) => {
+                ep.client.learn_latencies_from(&self.client);
+                Ok(Some(Box::new(ep)))
+            }
             Err(e) => {
                 log::info!("{}: cannot open another connection: {e}", self.target.name);
                 Ok(None)
@@ -596,6 +599,8 @@ impl Endpoint for NbdEndpoint {
             }
         }
         drop(slot);
+        let mut fresh = fresh;
+        fresh.learn_latencies_from(&self.client);
         self.client = fresh;
         // Whatever the old connection wrote is redone on this one.
         self.dirty = false;

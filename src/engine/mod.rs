@@ -180,16 +180,17 @@ fn resume(
     Ok(journal.complete())
 }
 
-/// Time one small read of a server source before the plan, when its
-/// answer could change the number of workers (a slow source gets `-C`,
-/// see [`plan::SLOW_SOURCE`]): one round trip. A refused read is left for
+/// Time one small read of a server source before the plan: a slow source
+/// gets `-C` workers (see [`plan::SLOW_SOURCE`]) and more reads in
+/// flight. One round trip. A refused read is left for
 /// the copy to meet; a failed connection fails the copy as its first
 /// request would.
 fn sample_read_latency(source: &mut dyn Endpoint, options: &CopyOptions) -> Result<()> {
+    // Taken whenever the source waits on a server: the worker
+    // connections start from it (see `Client::learn_latencies_from`), and
+    // it is the one read answered while the server has nothing else to do.
     let could_matter = source.tuning().waits_on_peer
-        && options.threads == 0
         && !options.synchronous
-        && options.connections > cores() + 1
         && !source.capabilities().sequential
         && source.read_latency().is_none();
     let Some(size) = source.size().filter(|&s| s > 0 && could_matter) else {
@@ -205,6 +206,7 @@ fn sample_read_latency(source: &mut dyn Endpoint, options: &CopyOptions) -> Resu
         .interrupter()
         .map(|i| options.cancel.on_cancel(move || i.interrupt()));
     let Err(e) = source.read_at(&mut probe, 0) else {
+        log::debug!("{}: a read took {:?}", source.name(), source.read_latency());
         return Ok(());
     };
     if options.cancel.is_cancelled() {

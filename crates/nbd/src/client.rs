@@ -550,7 +550,7 @@ impl Client {
     }
 
     /// How long this server takes to answer a read: the shortest of the
-    /// recent waits for a first reply after reads were sent on an idle
+    /// waits for a first reply after reads were sent on an idle
     /// connection (network round trip plus the server's own time; other
     /// requests are not counted, as a server may answer block status from
     /// metadata in microseconds and reads from a disk in milliseconds).
@@ -558,6 +558,13 @@ impl Client {
     /// keeps in flight by it.
     pub fn read_latency(&self) -> Option<Duration> {
         self.round_trips.estimate()
+    }
+
+    /// Start from what `other`, a connection to the same server, has
+    /// seen of its latencies.
+    pub fn learn_latencies_from(&mut self, other: &Client) {
+        self.round_trips.learn_from(&other.round_trips);
+        self.write_round_trips.learn_from(&other.write_round_trips);
     }
 
     /// [`Client::read_latency`] for writes, zeroes and trims: the wait
