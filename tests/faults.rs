@@ -581,15 +581,17 @@ fn restarted_mid_copy(side: Side, tcp: bool, conns: &str, retries: bool) {
     let dst = garbage(d.path(), "dst.img", size);
     let src_file = format!("file={}", s(src));
     let dst_file = format!("file={}", s(&dst));
-    // The side that is killed is slow, so that the copy is still running.
+    // The side that is killed is slow, so that the copy is still running:
+    // 200 ms, since a slow server gets up to 8 MiB in flight a connection
+    // (at 40 ms this copy could end before the kill).
     let (src_args, dst_args): (Vec<&str>, Vec<&str>) = match side {
         Side::Source => (
-            vec!["-r", "--filter=delay", "file", &src_file, "rdelay=40ms"],
+            vec!["-r", "--filter=delay", "file", &src_file, "rdelay=200ms"],
             vec!["file", &dst_file],
         ),
         Side::Destination => (
             vec!["-r", "file", &src_file],
-            vec!["--filter=delay", "file", &dst_file, "wdelay=40ms"],
+            vec!["--filter=delay", "file", &dst_file, "wdelay=200ms"],
         ),
     };
     let mut source = Daemon::start(
@@ -701,7 +703,7 @@ fn qemu_nbd_destination_restarted_with_retries() {
             "--filter=delay",
             "file",
             &format!("file={}", s(&src)),
-            "rdelay=40ms",
+            "rdelay=200ms",
         ],
     );
     let mut destination = Daemon::qemu_nbd(

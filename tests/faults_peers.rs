@@ -356,9 +356,11 @@ fn overlapping_data_chunks() {
     let peer = Server::nbd(
         Export::new(MIB),
         on_first_read(|p, r| {
-            let data = pattern_at(r.offset, 8192);
+            // Two halves of the request that overlap by half.
+            let half = r.length as u64 / 2;
+            let data = pattern_at(r.offset, half as usize);
             p.data(r.cookie, 0, r.offset, &data)?;
-            p.data(r.cookie, NBD_REPLY_FLAG_DONE, r.offset + 4096, &data)?;
+            p.data(r.cookie, NBD_REPLY_FLAG_DONE, r.offset + half / 2, &data)?;
             p.drain();
             Ok(Hook::Done)
         }),

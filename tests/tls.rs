@@ -255,7 +255,7 @@ mod with_tls {
         let tls = nbdkit_psk_args(pki);
         let args = with(
             &tls,
-            &["-r", "--filter=delay", "file", &file, "rdelay=40ms"],
+            &["-r", "--filter=delay", "file", &file, "rdelay=200ms"],
         );
         let mut source = Daemon::nbdkit_logged(d.path(), Listen::tcp(), &args);
         let uri = psk_uri(&source.uri(), pki);

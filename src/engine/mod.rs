@@ -180,32 +180,63 @@ fn resume(
     Ok(journal.complete())
 }
 
-/// Time one small read of a server source before the plan: a slow source
-/// gets `-C` workers (see [`plan::SLOW_SOURCE`]) and more reads in
-/// flight. One round trip. A refused read is left for
-/// the copy to meet; a failed connection fails the copy as its first
-/// request would.
+/// Time one small read of a server source before the plan, when its
+/// answer could change the number of workers (a slow source gets `-C`,
+/// see [`plan::SLOW_SOURCE`]); the worker connections then start from
+/// it (see `Client::learn_latencies_from`), as it is the one read
+/// answered while the server has nothing else to do. One round trip, for
+/// the first block of data the copy reads (a hole is not read, by the
+/// copy or here), so that a server that refuses it or breaks the
+/// protocol fails the copy as the copy's own read would; a failed
+/// connection that may be retried is left to the first worker, which
+/// reconnects with the back-off.
 fn sample_read_latency(source: &mut dyn Endpoint, options: &CopyOptions) -> Result<()> {
-    // Taken whenever the source waits on a server: the worker
-    // connections start from it (see `Client::learn_latencies_from`), and
-    // it is the one read answered while the server has nothing else to do.
     let could_matter = source.tuning().waits_on_peer
+        && options.threads == 0
         && !options.synchronous
+        && options.connections > cores() + 1
         && !source.capabilities().sequential
         && source.read_latency().is_none();
-    let Some(size) = source.size().filter(|&s| s > 0 && could_matter) else {
+    let at = options.source_offset;
+    let Some(left) = source
+        .size()
+        .map(|size| size.saturating_sub(at))
+        .filter(|&left| left > 0 && could_matter)
+    else {
         return Ok(());
     };
-    // Whole minimum blocks, and the export holds at least one.
+    let first = segments::Segment {
+        offset: at,
+        length: left.min(options.segment_size.max(1)),
+    };
+    let data = if options.extents && source.capabilities().extents {
+        // The first worker asks the same; a server keeps the answer.
+        match extents::describe(source, first) {
+            Ok(found) => found
+                .into_iter()
+                .find(|e| e.kind == endpoint::ExtentKind::Data),
+            // The copy meets this too, and says so.
+            Err(_) => return Ok(()),
+        }
+    } else {
+        extents::all_data(first).into_iter().next()
+    };
+    let Some(data) = data else {
+        return Ok(());
+    };
     let minimum = u64::from(source.block_size().minimum.max(1));
-    let len = minimum.max(4096).min(size);
+    let len = minimum.max(4096).min(data.length);
+    let len = len - len % minimum;
+    if len == 0 {
+        return Ok(());
+    }
     let mut probe = vec![0u8; len as usize];
     // A server that does not answer must not hold up a cancel: the read
     // is broken off at once (the copy then ends as cancelled).
     let _linked = source
         .interrupter()
         .map(|i| options.cancel.on_cancel(move || i.interrupt()));
-    let Err(e) = source.read_at(&mut probe, 0) else {
+    let Err(e) = source.read_at(&mut probe, data.offset) else {
         log::debug!("{}: a read took {:?}", source.name(), source.read_latency());
         return Ok(());
     };
@@ -213,19 +244,11 @@ fn sample_read_latency(source: &mut dyn Endpoint, options: &CopyOptions) -> Resu
         return Err(Error::new(ErrorKind::Cancelled, "copy cancelled"));
     }
     match e.kind() {
-        // The server refused this one read: the connection is fine, and
-        // the copy meets the refusal where it matters.
-        ErrorKind::Server | ErrorKind::Unsupported => {
-            log::debug!("{e}");
-            Ok(())
-        }
-        // The connection failed: as any first request would, within the
-        // retries the user allows.
         ErrorKind::Io | ErrorKind::Timeout
             if options.retries > 0 && source.capabilities().reconnect =>
         {
-            log::warn!("{e}; reconnecting");
-            source.reconnect().map_err(|_| e)
+            log::debug!("{e}");
+            Ok(())
         }
         _ => Err(e),
     }
