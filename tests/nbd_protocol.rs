@@ -415,26 +415,6 @@ fn requests_in_flight_are_bounded() {
     }
 }
 
-/// Bytes of reads in flight at once on `connection`, the most seen.
-fn max_read_bytes_in_flight(log: &[LogEntry], connection: u64) -> u64 {
-    let mut events: Vec<(usize, i64)> = Vec::new();
-    for e in log
-        .iter()
-        .filter(|e| e.connection == connection && e.command == LogCommand::Read)
-    {
-        let len = e.count as i64;
-        events.push((e.line, len));
-        events.push((e.done_line.unwrap_or(usize::MAX), -len));
-    }
-    events.sort();
-    let (mut now, mut max) = (0i64, 0i64);
-    for (_, delta) in events {
-        now += delta;
-        max = max.max(now);
-    }
-    max as u64
-}
-
 /// A server slow to answer, on one connection (nbdkit does not advertise
 /// multi-conn): the reads of several batches are in flight at once, so
 /// the server is never idle between batches, and the destination's

@@ -205,21 +205,38 @@ pub fn connection_count(entries: &[LogEntry]) -> usize {
 /// request line when the request reaches it and the completion line when
 /// it finishes, so overlapping requests show up interleaved).
 pub fn max_in_flight(entries: &[LogEntry], connection: u64) -> usize {
-    let mut events: Vec<(usize, i32)> = Vec::new();
-    for e in entries
-        .iter()
-        .filter(|e| e.connection == connection && e.command.is_request())
-    {
-        events.push((e.line, 1));
-        events.push((e.done_line.unwrap_or(usize::MAX), -1));
+    most_at_once(entries, connection, |e| e.command.is_request().then_some(1)) as usize
+}
+
+/// The most bytes of reads in flight at once on `connection`, as
+/// [`max_in_flight`] counts requests.
+pub fn max_read_bytes_in_flight(entries: &[LogEntry], connection: u64) -> u64 {
+    most_at_once(entries, connection, |e| {
+        (e.command == LogCommand::Read).then_some(e.count)
+    })
+}
+
+/// The most of `weight` (per request; `None` leaves it out) in flight at
+/// once on `connection`.
+fn most_at_once(
+    entries: &[LogEntry],
+    connection: u64,
+    weight: impl Fn(&LogEntry) -> Option<u64>,
+) -> u64 {
+    let mut events: Vec<(usize, i128)> = Vec::new();
+    for e in entries.iter().filter(|e| e.connection == connection) {
+        if let Some(w) = weight(e) {
+            events.push((e.line, i128::from(w)));
+            events.push((e.done_line.unwrap_or(usize::MAX), -i128::from(w)));
+        }
     }
     events.sort();
-    let (mut now, mut max) = (0i32, 0i32);
+    let (mut now, mut max) = (0i128, 0i128);
     for (_, delta) in events {
         now += delta;
         max = max.max(now);
     }
-    max as usize
+    max as u64
 }
 
 /// Split on spaces, keeping `"quoted strings"` and `(parenthesised

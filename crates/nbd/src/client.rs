@@ -205,7 +205,6 @@ impl SubRequest {
 
 /// A request that got its final reply.
 struct Completed {
-    length: u32,
     group: u64,
     error: Option<Error>,
 }
@@ -957,11 +956,7 @@ impl Client {
                 return Err(self.protocol(op, "server sent no extents for base:allocation"));
             }
         }
-        Ok(Completed {
-            length,
-            group,
-            error,
-        })
+        Ok(Completed { group, error })
     }
 
     /// Read one reply message (a simple reply or one chunk) and act on it.
@@ -1336,49 +1331,18 @@ impl Client {
         self.abandon_window()?;
         let max_in_flight = max_in_flight.max(1);
         let max_bytes = max_bytes_in_flight as u64;
-        let max_request = self.max_request as usize;
-        let mut bytes_in_flight = 0u64;
         let mut first_error: Option<Error> = None;
-        let (mut idx, mut pos) = (0usize, 0usize);
+        let mut next = (0usize, 0usize);
         loop {
-            while first_error.is_none() && idx < reqs.len() && self.in_flight < max_in_flight {
-                let offset = reqs[idx].offset();
-                let total = reqs[idx].buffer().len();
-                if pos >= total {
-                    idx += 1;
-                    pos = 0;
-                    continue;
-                }
-                let len = (total - pos).min(max_request);
-                if self.in_flight > 0 && bytes_in_flight + len as u64 > max_bytes {
-                    break;
-                }
-                let Some(at) = offset.checked_add(pos as u64) else {
-                    return Err(self.error(
-                        ErrorKind::InvalidInput,
-                        Operation::Read,
-                        "offset overflows",
-                    ));
-                };
-                self.send(
-                    Operation::Read,
-                    NBD_CMD_READ,
-                    0,
-                    at,
-                    len as u64,
-                    &[],
-                    false,
-                    idx,
-                    pos,
-                )?;
-                bytes_in_flight += len as u64;
-                pos += len;
+            if first_error.is_none() {
+                next = self
+                    .send_reads(reqs, next, NO_GROUP, max_in_flight, max_bytes)?
+                    .0;
             }
             if self.in_flight == 0 {
                 break;
             }
             if let Some(done) = self.receive(reqs)? {
-                bytes_in_flight = bytes_in_flight.saturating_sub(done.length.into());
                 if first_error.is_none() {
                     first_error = done.error;
                 }
@@ -1455,9 +1419,8 @@ impl Client {
         max_in_flight: usize,
         max_bytes: u64,
     ) -> Result<()> {
-        let max_request = self.max_request as usize;
         loop {
-            self.send_window(groups, max_in_flight, max_bytes, max_request)?;
+            self.send_window(groups, max_in_flight, max_bytes)?;
             let head = self.window.front().map(|g| {
                 let finished = g.outstanding == 0 && (g.sent || g.error.is_some());
                 (finished, g.error.is_some())
@@ -1500,7 +1463,6 @@ impl Client {
         groups: &mut [&mut [R]],
         max_in_flight: usize,
         max_bytes: u64,
-        max_request: usize,
     ) -> Result<()> {
         if self.window.iter().any(|g| g.error.is_some()) {
             return Ok(());
@@ -1513,51 +1475,72 @@ impl Client {
             let Some(reqs) = groups.get_mut(gi) else {
                 break;
             };
-            let (mut idx, mut pos) = self.window[gi].next;
-            while idx < reqs.len() && self.in_flight < max_in_flight {
-                let offset = reqs[idx].offset();
-                let total = reqs[idx].buffer().len();
-                if pos >= total {
-                    idx += 1;
-                    pos = 0;
-                    continue;
-                }
-                let len = (total - pos).min(max_request);
-                if self.in_flight > 0 && self.read_bytes_in_flight + len as u64 > max_bytes {
-                    break;
-                }
-                let Some(at) = offset.checked_add(pos as u64) else {
-                    return Err(self.error(
-                        ErrorKind::InvalidInput,
-                        Operation::Read,
-                        "offset overflows",
-                    ));
-                };
-                self.sending_group = id;
-                let sent = self.send(
-                    Operation::Read,
-                    NBD_CMD_READ,
-                    0,
-                    at,
-                    len as u64,
-                    &[],
-                    false,
-                    idx,
-                    pos,
-                );
-                self.sending_group = NO_GROUP;
-                sent?;
-                self.window[gi].outstanding += 1;
-                pos += len;
-            }
+            let from = self.window[gi].next;
+            let (next, sent) = self.send_reads(reqs, from, id, max_in_flight, max_bytes)?;
             let g = &mut self.window[gi];
-            g.next = (idx, pos);
-            g.sent = idx >= reqs.len();
+            g.outstanding += sent;
+            g.next = next;
+            g.sent = next.0 >= reqs.len();
             if !g.sent {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Send the reads of `reqs` from read `from.0`, `from.1` bytes into
+    /// it, split to the largest request, for `group`, while fewer than
+    /// `max_in_flight` requests and (beyond the first) at most `max_bytes`
+    /// bytes of reads are in flight. Returns where the next read starts
+    /// and how many requests were sent.
+    fn send_reads<R: ReadRequest>(
+        &mut self,
+        reqs: &mut [R],
+        from: (usize, usize),
+        group: u64,
+        max_in_flight: usize,
+        max_bytes: u64,
+    ) -> Result<((usize, usize), usize)> {
+        let max_request = self.max_request as usize;
+        let (mut idx, mut pos) = from;
+        let mut sent = 0;
+        while idx < reqs.len() && self.in_flight < max_in_flight {
+            let offset = reqs[idx].offset();
+            let total = reqs[idx].buffer().len();
+            if pos >= total {
+                idx += 1;
+                pos = 0;
+                continue;
+            }
+            let len = (total - pos).min(max_request);
+            if self.in_flight > 0 && self.read_bytes_in_flight + len as u64 > max_bytes {
+                break;
+            }
+            let Some(at) = offset.checked_add(pos as u64) else {
+                return Err(self.error(
+                    ErrorKind::InvalidInput,
+                    Operation::Read,
+                    "offset overflows",
+                ));
+            };
+            self.sending_group = group;
+            let result = self.send(
+                Operation::Read,
+                NBD_CMD_READ,
+                0,
+                at,
+                len as u64,
+                &[],
+                false,
+                idx,
+                pos,
+            );
+            self.sending_group = NO_GROUP;
+            result?;
+            sent += 1;
+            pos += len;
+        }
+        Ok(((idx, pos), sent))
     }
 
     /// Abandon the reads of a [`Client::read_window`] still in flight:

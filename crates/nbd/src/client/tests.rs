@@ -1106,6 +1106,19 @@ fn read_groups(from: u64, groups: usize, count: usize, len: usize) -> Vec<Vec<(u
         .collect()
 }
 
+/// The reads of `groups` as the client takes them.
+fn requests(groups: &mut [Vec<(u64, Vec<u8>)>]) -> Vec<Vec<(u64, &mut [u8])>> {
+    groups
+        .iter_mut()
+        .map(|g| g.iter_mut().map(|(o, b)| (*o, b.as_mut_slice())).collect())
+        .collect()
+}
+
+/// One slice a group, for [`Client::read_window`].
+fn slices<'a, 'b>(reqs: &'a mut [Vec<(u64, &'b mut [u8])>]) -> Vec<&'a mut [(u64, &'b mut [u8])]> {
+    reqs.iter_mut().map(|g| g.as_mut_slice()).collect()
+}
+
 #[test]
 fn a_read_window_keeps_later_groups_in_flight_and_fills_every_buffer() {
     let server = start(1 << 20, |c| c.holes = true);
@@ -1122,12 +1135,8 @@ fn a_read_window_keeps_later_groups_in_flight_and_fills_every_buffer() {
     let mut in_flight_while_returning = 0;
     while (first as usize) < groups.len() {
         let window_end = (first as usize + 3).min(groups.len());
-        let mut reqs: Vec<Vec<(u64, &mut [u8])>> = groups[first as usize..window_end]
-            .iter_mut()
-            .map(|g| g.iter_mut().map(|(o, b)| (*o, b.as_mut_slice())).collect())
-            .collect();
-        let mut slices: Vec<&mut [(u64, &mut [u8])]> =
-            reqs.iter_mut().map(|g| g.as_mut_slice()).collect();
+        let mut reqs = requests(&mut groups[first as usize..window_end]);
+        let mut slices = slices(&mut reqs);
         c.read_window(first, &mut slices, 6, 1 << 20).unwrap();
         in_flight_while_returning = in_flight_while_returning.max(c.in_flight);
         for (o, b) in &groups[first as usize] {
@@ -1150,12 +1159,8 @@ fn the_read_window_is_bounded_in_bytes_across_calls() {
     let server = start(1 << 20, |_| {});
     let mut c = connect(&server);
     let mut groups = read_groups(0, 2, 4, 65536);
-    let mut reqs: Vec<Vec<(u64, &mut [u8])>> = groups
-        .iter_mut()
-        .map(|g| g.iter_mut().map(|(o, b)| (*o, b.as_mut_slice())).collect())
-        .collect();
-    let mut slices: Vec<&mut [(u64, &mut [u8])]> =
-        reqs.iter_mut().map(|g| g.as_mut_slice()).collect();
+    let mut reqs = requests(&mut groups);
+    let mut slices = slices(&mut reqs);
     c.read_window(0, &mut slices, 64, 3 * 65536).unwrap();
     assert!(c.read_bytes_in_flight <= 3 * 65536);
     assert!(server.max_pending() <= 3, "{}", server.max_pending());
@@ -1173,12 +1178,8 @@ fn other_requests_abandon_the_window_and_the_connection_stays_usable() {
     let mut c = connect(&server);
     let mut groups = read_groups(0, 3, 2, 65536);
     {
-        let mut reqs: Vec<Vec<(u64, &mut [u8])>> = groups
-            .iter_mut()
-            .map(|g| g.iter_mut().map(|(o, b)| (*o, b.as_mut_slice())).collect())
-            .collect();
-        let mut slices: Vec<&mut [(u64, &mut [u8])]> =
-            reqs.iter_mut().map(|g| g.as_mut_slice()).collect();
+        let mut reqs = requests(&mut groups);
+        let mut slices = slices(&mut reqs);
         c.read_window(0, &mut slices, 64, 1 << 20).unwrap();
     }
     assert!(
@@ -1196,12 +1197,8 @@ fn other_requests_abandon_the_window_and_the_connection_stays_usable() {
     // The abandoned buffers were not written.
     assert!(groups[2].iter().all(|(_, b)| b.iter().all(|&x| x == 0xaa)));
     // A window that starts over with other ids is fine too.
-    let mut reqs: Vec<Vec<(u64, &mut [u8])>> = groups[1..]
-        .iter_mut()
-        .map(|g| g.iter_mut().map(|(o, b)| (*o, b.as_mut_slice())).collect())
-        .collect();
-    let mut slices: Vec<&mut [(u64, &mut [u8])]> =
-        reqs.iter_mut().map(|g| g.as_mut_slice()).collect();
+    let mut reqs = requests(&mut groups[1..]);
+    let mut slices = slices(&mut reqs);
     c.read_window(7, &mut slices, 64, 1 << 20).unwrap();
     c.read_window(8, &mut slices[1..], 64, 1 << 20).unwrap();
     for g in &groups[1..] {
@@ -1218,12 +1215,8 @@ fn a_server_error_in_a_later_group_is_returned_with_that_group() {
     let mut c = connect(&server);
     // Groups of 4 x 32 KiB: group 2 covers 262144..393216.
     let mut groups = read_groups(0, 4, 4, 32768);
-    let mut reqs: Vec<Vec<(u64, &mut [u8])>> = groups
-        .iter_mut()
-        .map(|g| g.iter_mut().map(|(o, b)| (*o, b.as_mut_slice())).collect())
-        .collect();
-    let mut slices: Vec<&mut [(u64, &mut [u8])]> =
-        reqs.iter_mut().map(|g| g.as_mut_slice()).collect();
+    let mut reqs = requests(&mut groups);
+    let mut slices = slices(&mut reqs);
     c.read_window(0, &mut slices, 64, 1 << 20).unwrap();
     c.read_window(1, &mut slices[1..], 64, 1 << 20).unwrap();
     let e = c.read_window(2, &mut slices[2..], 64, 1 << 20).unwrap_err();
