@@ -1155,7 +1155,7 @@ impl Client {
                     None => self.drop_payload(op, group, 0)?,
                 }
             }
-            NBD_REPLY_TYPE_BLOCK_STATUS => {
+            NBD_REPLY_TYPE_BLOCK_STATUS | NBD_REPLY_TYPE_BLOCK_STATUS_EXT => {
                 if command != NBD_CMD_BLOCK_STATUS {
                     return Err(self.protocol(
                         op,
@@ -1165,21 +1165,13 @@ impl Client {
                         ),
                     ));
                 }
-                self.block_status_chunk(si, c.length)?;
-            }
-            NBD_REPLY_TYPE_BLOCK_STATUS_EXT => {
-                // The extended header decoder is the only one to let
-                // this type through.
-                if command != NBD_CMD_BLOCK_STATUS {
-                    return Err(self.protocol(
-                        op,
-                        format!(
-                            "server sent block status in reply to {}",
-                            command_name(command)
-                        ),
-                    ));
+                // The extended header decoder is the only one to let the
+                // extended type through.
+                if c.chunk_type == NBD_REPLY_TYPE_BLOCK_STATUS {
+                    self.block_status_chunk(si, c.length)?;
+                } else {
+                    self.block_status_ext_chunk(si, c.length)?;
                 }
-                self.block_status_ext_chunk(si, c.length)?;
             }
             t if t & NBD_REPLY_TYPE_ERROR_BIT != 0 => self.error_chunk(si, t, c.length)?,
             t => {
