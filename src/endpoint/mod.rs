@@ -52,6 +52,20 @@ impl Extent {
     pub fn end(&self) -> u64 {
         self.offset + self.length
     }
+
+    /// A run for unit tests: zeroes if `zero`, else data.
+    #[cfg(test)]
+    pub(crate) fn test(offset: u64, length: u64, zero: bool) -> Extent {
+        Extent {
+            offset,
+            length,
+            kind: if zero {
+                ExtentKind::Zero
+            } else {
+                ExtentKind::Data
+            },
+        }
+    }
 }
 
 /// Size constraints an endpoint places on requests, in bytes (the NBD

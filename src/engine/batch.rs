@@ -232,6 +232,11 @@ impl Batch {
         self.buf.as_ref().map_or(&[], WriteBuffer::as_slice)
     }
 
+    /// Bytes this batch reads from the source.
+    pub fn read_bytes(&self) -> u64 {
+        self.reads.iter().map(|r| r.len as u64).sum()
+    }
+
     /// The source reads of this batch, borrowing the buffer.
     pub fn read_ops(&mut self) -> Vec<ReadOp<'_>> {
         let mut out = Vec::with_capacity(self.reads.len());
@@ -490,15 +495,7 @@ mod tests {
     }
 
     fn ext(offset: u64, length: u64, zero: bool) -> Extent {
-        Extent {
-            offset,
-            length,
-            kind: if zero {
-                ExtentKind::Zero
-            } else {
-                ExtentKind::Data
-            },
-        }
+        Extent::test(offset, length, zero)
     }
 
     /// Run a cursor to the end; return (read offsets+lens, ops) per batch.

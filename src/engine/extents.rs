@@ -97,15 +97,7 @@ mod tests {
     use crate::endpoint::{Capabilities, Endpoint};
 
     fn ext(offset: u64, length: u64, zero: bool) -> Extent {
-        Extent {
-            offset,
-            length,
-            kind: if zero {
-                ExtentKind::Zero
-            } else {
-                ExtentKind::Data
-            },
-        }
+        Extent::test(offset, length, zero)
     }
 
     /// An endpoint that answers extent queries from a fixed script.

@@ -498,9 +498,10 @@ struct Attempt {
 
 /// Read a batch: its source reads, then plan its destination operations.
 fn read_batch(shared: &Shared, source: &mut dyn Endpoint, batch: &mut Batch) -> Result<()> {
+    let bytes = batch.read_bytes();
     let mut reads = batch.read_ops();
     if !reads.is_empty() {
-        shared.pace(reads.iter().map(|r| r.buf.len() as u64).sum());
+        shared.pace(bytes);
         source.read_batch(&mut reads)?;
     }
     drop(reads);
@@ -655,8 +656,7 @@ fn copy_segment(
                         break;
                     };
                     cursor.fill(batch, limits);
-                    let bytes = batch.read_ops().iter().map(|r| r.buf.len() as u64).sum();
-                    shared.pace(bytes);
+                    shared.pace(batch.read_bytes());
                     reading.push_back(batch);
                 }
                 if reading.is_empty() {
