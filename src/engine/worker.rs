@@ -740,9 +740,12 @@ mod tests {
         }
 
         fn dropped(counter: &AtomicU32) -> Result<()> {
-            let left = counter.load(Ordering::SeqCst);
-            if left > 0 {
-                counter.store(left - 1, Ordering::SeqCst);
+            // One atomic step: two workers that both saw 1 left would
+            // otherwise both fail, one failure more than asked for.
+            let took = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            });
+            if took.is_ok() {
                 return Err(Error::io(
                     "flaky",
                     crate::error::Operation::Read,
