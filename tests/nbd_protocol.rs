@@ -469,6 +469,34 @@ fn slow_servers_get_several_batches_in_flight_on_one_connection() {
     assert_file_is(&back, &pattern_bytes(size));
 }
 
+/// Writes to a server quick to answer are cut to 256 KiB, whatever the
+/// reads (qemu-nbd's allocator faults fresh pages for long ones); a
+/// server slow to answer gets them merged, one long write a batch, as
+/// its rate is what it serves at once times their length.
+#[test]
+fn writes_are_cut_for_a_quick_server_and_merged_for_a_slow_one() {
+    require("qemu-img");
+    // 24 batches: the latency counts from the eighth answer on.
+    let size = 48 * MIB;
+    let d = tmp();
+    let src = d.path().join("src.raw");
+    std::fs::write(&src, pattern_bytes(size)).unwrap();
+    let src = src.to_str().unwrap();
+    let quick = Server::nbdkit_logged(&["memory", "48M"]);
+    let slow = Server::nbdkit_logged(&["--filter=delay", "memory", "48M", "delay-write=10ms"]);
+    for (dest, longest) in [(&quick, 256 * 1024), (&slow, 2 * MIB)] {
+        run_ok(&[src, &dest.uri()]);
+        let log = dest.wait_log_idle();
+        assert_destination_log(&log, true);
+        let writes = requests_of(&log, LogCommand::Write);
+        let most = writes.iter().map(|w| w.count).max().unwrap_or(0);
+        assert_eq!(most, longest, "{}: longest write", dest.uri());
+        let back = d.path().join("back.raw");
+        read_back(&dest.uri(), &back, size);
+        assert_file_is(&back, &pattern_bytes(size));
+    }
+}
+
 /// A source slow to answer reads gets -C workers, not one more than the
 /// cores: its workers mostly wait.
 #[test]

@@ -115,6 +115,10 @@ pub struct Tuning {
     /// Request size this endpoint does best with, used unless the user
     /// sets one; 0 leaves it to the engine.
     pub request_size: usize,
+    /// Largest write this destination does best with while it answers
+    /// quickly, used unless the user sets a request size: longer writes
+    /// are cut to it. 0 leaves it to the engine.
+    pub write_size: usize,
     /// Most bytes of data per batch this endpoint does best with when
     /// requests are pipelined; 0 leaves it to the engine.
     pub batch_size: usize,
@@ -129,6 +133,7 @@ impl Default for Tuning {
         Tuning {
             waits_on_peer: false,
             request_size: 0,
+            write_size: 0,
             batch_size: 0,
             zero_scan: true,
         }
@@ -228,6 +233,13 @@ pub trait Endpoint: Send {
     /// it has one and has answered: the engine keeps more reads in flight
     /// the longer it is. `None` for local files and pipes.
     fn read_latency(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// How long this endpoint's peer took to answer a write, zero or trim
+    /// request, if it has one and has answered: the engine sends longer
+    /// writes to a slow one. `None` for local files and pipes.
+    fn write_latency(&self) -> Option<std::time::Duration> {
         None
     }
 

@@ -183,7 +183,7 @@ fn resume(
 /// Time one small read of a server source before the plan, when its
 /// answer could change the number of workers (a slow source gets `-C`,
 /// see [`plan::SLOW_SOURCE`]); the worker connections then start from
-/// it (see `Client::learn_latencies_from`), as it is the one read
+/// it (see `Client::share_latencies_with`), as it is the one read
 /// answered while the server has nothing else to do. One round trip, for
 /// the first block of data the copy reads (a hole is not read, by the
 /// copy or here), so that a server that refuses it or breaks the

@@ -143,6 +143,23 @@ fn auto_request_size(source: &Tuning, destination: &Tuning, options: &CopyOption
         .clamp(MIN_REQUEST_SIZE, MAX_REQUEST_SIZE)
 }
 
+/// The longest write to a destination quick to answer: the user's
+/// `--request-size`, else the destination's hint ([`Tuning::write_size`]:
+/// an NBD server's allocator makes long writes cost it page faults),
+/// else as long as writes merge.
+fn fast_write_size(destination: &Side, options: &CopyOptions, chunk: usize, align: u64) -> usize {
+    if options.request_size.is_some() {
+        return chunk;
+    }
+    match destination.tuning.write_size {
+        0 => chunk.clamp(MIN_MERGED_WRITE, MAX_REQUEST_SIZE),
+        hint => hint
+            .max(options.sparse_size)
+            .clamp(MIN_REQUEST_SIZE, MAX_REQUEST_SIZE)
+            .next_multiple_of(usize::try_from(align).unwrap_or(1)),
+    }
+}
+
 /// Most workers: `-C` bounded by `-T`. Left to choose (`-T 0`), the bound
 /// is the number of cores, plus one when the source is a server that is
 /// waited on (`source_waits`).
@@ -387,13 +404,14 @@ impl Plan {
             allocate: options.allocated,
             // --request-size is a ceiling a user sets because a server or
             // a network path cannot take more: writes are merged up to it,
-            // never past it. Left to choose, larger merged writes cost the
-            // servers less.
+            // never past it. Left to choose, larger merged writes cost a
+            // slow server, or a local file, less.
             merge_writes: if options.request_size.is_some() {
                 chunk
             } else {
                 chunk.clamp(MIN_MERGED_WRITE, MAX_REQUEST_SIZE)
             },
+            write_size: fast_write_size(destination, options, chunk, align),
             tail_end: source.size.unwrap_or(u64::MAX),
             tail_align: dmin,
             shift: Shift::default(),
@@ -474,6 +492,7 @@ mod tests {
             tuning: Tuning {
                 waits_on_peer: true,
                 request_size: if tcp { 256 << 10 } else { 1 << 20 },
+                write_size: 256 << 10,
                 batch_size: if tcp { 512 << 10 } else { 0 },
                 zero_scan: true,
             },
@@ -584,21 +603,28 @@ mod tests {
 
     #[test]
     fn request_size_is_a_ceiling_on_merged_writes() {
-        // Left to choose, neighbouring writes merge to 4 MiB...
-        let auto = plan(
-            &nbd(Some(G), false),
-            &nbd(Some(G), false),
-            &CopyOptions::default(),
-        );
-        assert_eq!(auto.limits.merge_writes, 4 << 20);
-        // ...but never past the size the user asked for.
+        let nbd = || nbd(Some(G), false);
+        let sizes = |p: Plan| (p.limits.chunk, p.limits.merge_writes, p.limits.write_size);
+        // Left to choose, neighbouring writes merge to 4 MiB, and an NBD
+        // server quick to answer gets them cut to its hint, whatever the
+        // reads are...
+        let auto = plan(&nbd(), &nbd(), &CopyOptions::default());
+        assert_eq!(sizes(auto), (1 << 20, 4 << 20, 256 << 10));
+        // ...never shorter than a zero-detection block, and whole blocks
+        // of the destination...
+        let big_blocks = with(|o| o.sparse_size = 1 << 20);
+        assert_eq!(sizes(plan(&nbd(), &nbd(), &big_blocks)).2, 1 << 20);
+        let mut odd = nbd();
+        odd.block_size.minimum = 3 << 10;
+        let p = plan(&nbd(), &odd, &CopyOptions::default());
+        assert_eq!(p.limits.write_size, 86 * (3 << 10));
+        // ...while a file, without a hint, takes them as they merge...
+        let to_file = plan(&nbd(), &file(None), &CopyOptions::default());
+        assert_eq!(sizes(to_file), (1 << 20, 4 << 20, 4 << 20));
+        // ...and nothing goes past the size the user asked for.
         for size in [64 << 10, 1 << 20, 32 << 20] {
-            let p = plan(
-                &nbd(Some(G), false),
-                &nbd(Some(G), false),
-                &with(|o| o.request_size = Some(size)),
-            );
-            assert_eq!((p.limits.chunk, p.limits.merge_writes), (size, size));
+            let p = plan(&nbd(), &nbd(), &with(|o| o.request_size = Some(size)));
+            assert_eq!(sizes(p), (size, size, size));
         }
     }
 

@@ -538,7 +538,8 @@ pub(crate) fn write_batch(
     destination: &mut dyn Endpoint,
     batch: &Batch,
 ) -> Result<u64> {
-    let ops = batch.write_ops(&shared.limits);
+    let largest = shared.limits.largest_write(destination.write_latency());
+    let ops = batch.write_ops(&shared.limits, largest);
     let mut written = 0;
     let mut zeroed = 0;
     for op in &ops {

@@ -559,17 +559,25 @@ impl Client {
         self.round_trips.estimate()
     }
 
-    /// Start from what `other`, a connection to the same server, has
-    /// seen of its latencies.
-    pub fn learn_latencies_from(&mut self, other: &Client) {
-        self.round_trips.learn_from(&other.round_trips);
-        self.write_round_trips.learn_from(&other.write_round_trips);
+    /// Share latency estimates with `other`, a connection to the same
+    /// server: what either has seen counts for both from now on (a
+    /// connection that met the server busy would otherwise keep a
+    /// latency it does not have).
+    pub fn share_latencies_with(&mut self, other: &Client) {
+        self.round_trips.share_with(&other.round_trips);
+        self.write_round_trips.share_with(&other.write_round_trips);
     }
 
     /// [`Client::read_latency`] for writes, zeroes and trims: the wait
     /// for the first reply once their payloads are sent.
     pub fn write_latency(&self) -> Option<Duration> {
         self.write_round_trips.estimate()
+    }
+
+    /// How many samples [`Client::write_latency`] rests on, this
+    /// connection's and those of the connections it shares them with.
+    pub fn write_latency_samples(&self) -> u64 {
+        self.write_round_trips.samples()
     }
 
     /// The connection runs inside TLS.
