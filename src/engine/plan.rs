@@ -492,7 +492,7 @@ mod tests {
             tuning: Tuning {
                 waits_on_peer: true,
                 request_size: if tcp { 256 << 10 } else { 1 << 20 },
-                write_size: 256 << 10,
+                write_size: if tcp { 512 << 10 } else { 256 << 10 },
                 batch_size: if tcp { 512 << 10 } else { 0 },
                 zero_scan: true,
             },
