@@ -143,20 +143,26 @@ fn auto_request_size(source: &Tuning, destination: &Tuning, options: &CopyOption
         .clamp(MIN_REQUEST_SIZE, MAX_REQUEST_SIZE)
 }
 
-/// The longest write to a destination quick to answer: the user's
-/// `--request-size`, else the destination's hint ([`Tuning::write_size`]:
-/// an NBD server's allocator makes long writes cost it page faults),
-/// else as long as writes merge.
-fn fast_write_size(destination: &Side, options: &CopyOptions, chunk: usize, align: u64) -> usize {
-    if options.request_size.is_some() {
-        return chunk;
-    }
+/// The longest write to a destination quick to answer: as long as writes
+/// merge (`merge_writes`) if the user set `--request-size` or the
+/// destination states no preference, else the destination's hint
+/// ([`Tuning::write_size`]: an NBD server's allocator makes long writes
+/// cost it page faults), whole zero-detection blocks and blocks of the
+/// destination.
+fn fast_write_size(
+    destination: &Side,
+    options: &CopyOptions,
+    merge_writes: usize,
+    align: u64,
+) -> usize {
     match destination.tuning.write_size {
-        0 => chunk.clamp(MIN_MERGED_WRITE, MAX_REQUEST_SIZE),
+        _ if options.request_size.is_some() => merge_writes,
+        0 => merge_writes,
         hint => hint
             .max(options.sparse_size)
             .clamp(MIN_REQUEST_SIZE, MAX_REQUEST_SIZE)
-            .next_multiple_of(usize::try_from(align).unwrap_or(1)),
+            .next_multiple_of(usize::try_from(align).unwrap_or(1))
+            .min(merge_writes),
     }
 }
 
@@ -385,6 +391,15 @@ impl Plan {
         let zero_scan =
             options.sparse_size != 0 && destination.tuning.zero_scan && !options.allocated;
         let (batch_bytes, most_in_flight) = batch_bytes(source, destination, options, chunk);
+        // --request-size is a ceiling a user sets because a server or a
+        // network path cannot take more: writes are merged up to it, never
+        // past it. Left to choose, larger merged writes cost a slow server,
+        // or a local file, less.
+        let merge_writes = if options.request_size.is_some() {
+            chunk
+        } else {
+            chunk.clamp(MIN_MERGED_WRITE, MAX_REQUEST_SIZE)
+        };
         let mut limits = Limits {
             chunk,
             requests: if options.synchronous {
@@ -402,16 +417,8 @@ impl Plan {
             skip_zeroes: (destination.capabilities.starts_zeroed || options.destination_is_zero)
                 && !options.allocated,
             allocate: options.allocated,
-            // --request-size is a ceiling a user sets because a server or
-            // a network path cannot take more: writes are merged up to it,
-            // never past it. Left to choose, larger merged writes cost a
-            // slow server, or a local file, less.
-            merge_writes: if options.request_size.is_some() {
-                chunk
-            } else {
-                chunk.clamp(MIN_MERGED_WRITE, MAX_REQUEST_SIZE)
-            },
-            write_size: fast_write_size(destination, options, chunk, align),
+            merge_writes,
+            write_size: fast_write_size(destination, options, merge_writes, align),
             tail_end: source.size.unwrap_or(u64::MAX),
             tail_align: dmin,
             shift: Shift::default(),
