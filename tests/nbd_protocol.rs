@@ -27,6 +27,14 @@ fn active_connections(log: &[LogEntry]) -> Vec<u64> {
     conns
 }
 
+/// The server at `uri` holds nbdkit's pattern for `size` bytes, read back
+/// with qemu-img into `dir`.
+fn assert_holds_pattern(uri: &str, dir: &Path, size: u64) {
+    let back = dir.join("back.raw");
+    read_back(uri, &back, size);
+    assert_file_is(&back, &pattern_bytes(size));
+}
+
 /// The facts every destination log must show: no reads, no block status,
 /// no overlapping writes/zeroes, every request succeeded, and (when
 /// `flush`) a flush as the last request on every connection that sent
@@ -409,9 +417,7 @@ fn requests_in_flight_are_bounded() {
                 "{flags:?}: never more than one read in flight on the source"
             );
         }
-        let back = d.path().join("back.raw");
-        read_back(&dest.uri(), &back, size);
-        assert_file_is(&back, &pattern_bytes(size));
+        assert_holds_pattern(&dest.uri(), d.path(), size);
     }
 }
 
@@ -464,9 +470,7 @@ fn slow_servers_get_several_batches_in_flight_on_one_connection() {
     let writes = max_in_flight(&dlog, dconn);
     assert!(writes > 2, "at most {writes} writes in flight at once");
     let d = tmp();
-    let back = d.path().join("back.raw");
-    read_back(&dest.uri(), &back, size);
-    assert_file_is(&back, &pattern_bytes(size));
+    assert_holds_pattern(&dest.uri(), d.path(), size);
 }
 
 /// Writes to a server quick to answer are cut to 256 KiB, whatever the
@@ -491,9 +495,7 @@ fn writes_are_cut_for_a_quick_server_and_merged_for_a_slow_one() {
         let writes = requests_of(&log, LogCommand::Write);
         let most = writes.iter().map(|w| w.count).max().unwrap_or(0);
         assert_eq!(most, longest, "{}: longest write", dest.uri());
-        let back = d.path().join("back.raw");
-        read_back(&dest.uri(), &back, size);
-        assert_file_is(&back, &pattern_bytes(size));
+        assert_holds_pattern(&dest.uri(), d.path(), size);
     }
 }
 

@@ -679,7 +679,6 @@ mod tests {
 
     #[test]
     fn more_batches_are_read_at_once_the_slower_the_peers() {
-        use std::time::Duration;
         let l = Limits {
             batch_bytes: 2 << 20,
             most_in_flight: 8 << 20,
